@@ -1,0 +1,239 @@
+"""Checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint is a pair ``epoch-NNNNNN.safetensors`` + ``epoch-NNNNNN.json`` in a folder.  The JSON is
+written last and records the SHA-256 of the tensor file, so it is the commit marker: a checkpoint
+counts as intact only when its JSON parses and the tensor file's hash matches.  Both files are
+written to a temporary name, flushed, fsynced and renamed, so a kill at any moment leaves every
+earlier checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+__all__ = [
+    "CheckpointError",
+    "Checkpoint",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "save_checkpoint",
+    "load_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "FORMAT_VERSION",
+]
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or mismatching checkpoint; the message is one line."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer / scheduler state <-> (tensors, JSON)
+# --------------------------------------------------------------------------------------------
+
+
+def _split_state(prefix: str, state: Any, tensors: dict[str, Tensor]) -> Any:
+    """Replace tensors in a nested structure by ``{"__tensor__": key}`` and collect them."""
+    if isinstance(state, Tensor):
+        key = f"{prefix}"
+        tensors[key] = state.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(state, Counter):
+        return {"__counter__": [[k, v] for k, v in state.items()]}
+    if isinstance(state, dict):
+        return {"__dict__": [[k, _split_state(f"{prefix}.{k}", v, tensors)] for k, v in state.items()]}
+    if isinstance(state, (list, tuple)):
+        kind = "__tuple__" if isinstance(state, tuple) else "__list__"
+        return {kind: [_split_state(f"{prefix}.{i}", v, tensors) for i, v in enumerate(state)]}
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return state
+    raise CheckpointError(f"cannot store a {type(state).__name__} in a checkpoint without pickle ({prefix})")
+
+
+def _join_state(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            key = obj["__tensor__"]
+            if key not in tensors:
+                raise CheckpointError(f"checkpoint metadata refers to a missing tensor {key!r}")
+            return tensors[key]
+        if "__counter__" in obj:
+            return Counter({k: v for k, v in obj["__counter__"]})
+        if "__dict__" in obj:
+            return {k: _join_state(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_join_state(v, tensors) for v in obj["__tuple__"])
+        if "__list__" in obj:
+            return [_join_state(v, tensors) for v in obj["__list__"]]
+        raise CheckpointError("checkpoint metadata holds an unknown structure")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    epoch: int
+    model_state: dict[str, Tensor]
+    extra_state: dict[str, Any]  # optimizer / scheduler / rng, already re-assembled
+    meta: dict[str, Any]  # config, metrics, anything JSON
+    path: Path
+
+
+def _name(epoch: int) -> str:
+    return f"epoch-{epoch:06d}"
+
+
+def save_checkpoint(
+    folder: Path,
+    epoch: int,
+    model_state: dict[str, Tensor],
+    extra_state: dict[str, Any],
+    meta: dict[str, Any],
+    *,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``epoch`` into ``folder`` and prune all but the newest ``keep``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
+    structure = _split_state("extra", extra_state, tensors)
+    blob = st_save(tensors)
+    digest = hashlib.sha256(blob).hexdigest()
+    base = folder / _name(epoch)
+    atomic_write_bytes(base.with_suffix(".safetensors"), blob)
+    record = {
+        "format_version": FORMAT_VERSION,
+        "epoch": epoch,
+        "sha256": digest,
+        "bytes": len(blob),
+        "model_keys": sorted(model_state),
+        "extra_state": structure,
+        "meta": meta,
+    }
+    atomic_write_text(base.with_suffix(".json"), json.dumps(record, indent=1, sort_keys=True))
+    for old in list_checkpoints(folder)[:-keep]:
+        for suffix in (".json", ".safetensors"):
+            try:
+                old.with_suffix(suffix).unlink()
+            except FileNotFoundError:
+                pass
+    return base.with_suffix(".json")
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint JSON paths in ``folder``, oldest first (intact or not)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("epoch-*.json") if p.stem[6:].isdigit())
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load and verify one checkpoint (its ``.json`` path); never unpickles anything."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint metadata {path} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint metadata {path} is not a lipmargin checkpoint (format {FORMAT_VERSION})")
+    tensor_path = path.with_suffix(".safetensors")
+    try:
+        blob = tensor_path.read_bytes()
+    except OSError:
+        raise CheckpointError(f"checkpoint weights {tensor_path} are missing") from None
+    if hashlib.sha256(blob).hexdigest() != record.get("sha256"):
+        raise CheckpointError(
+            f"checkpoint weights {tensor_path} do not match the SHA-256 recorded in {path.name} "
+            f"(truncated or modified file; {len(blob)} bytes, expected {record.get('bytes')})"
+        )
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint weights {tensor_path} are not a valid safetensors file: {e}") from None
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        extra = _join_state(record.get("extra_state", {}), tensors)
+        epoch = int(record["epoch"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint metadata {path} is malformed: {e}") from None
+    return Checkpoint(epoch=epoch, model_state=model_state, extra_state=extra, meta=record.get("meta", {}), path=path)
+
+
+def latest_checkpoint(folder: Path) -> Checkpoint | None:
+    """The newest checkpoint in ``folder`` that loads and verifies; ``None`` if there is none."""
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError:
+            continue
+    return None
+
+
+def torch_rng_state() -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def set_torch_rng_state(state: dict[str, Tensor]) -> None:
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available():
+        cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)

@@ -1,0 +1,333 @@
+"""The ``lipmargin`` command line: the only place in the package that prints.
+
+Every command is a function of parsed arguments returning an exit code; ``main(argv)`` is what the
+console script and the tests call.  Expected failures (bad config, missing data, damaged
+checkpoint) print one line to stderr and return 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["main", "entry", "COMMANDS"]
+
+EXIT_USAGE = 2
+
+CommandFn = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[CommandFn, Callable[[argparse.ArgumentParser], None], str]] = {}
+
+
+def command(name: str, help_text: str) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable]:
+    """Register ``configure(parser)`` and, through the returned decorator chain, the command body."""
+
+    def decorator(configure: Callable[[argparse.ArgumentParser], None]) -> Callable[[CommandFn], CommandFn]:
+        def attach(fn: CommandFn) -> CommandFn:
+            COMMANDS[name] = (fn, configure, help_text)
+            return fn
+
+        return attach
+
+    return decorator
+
+
+def _err(message: str) -> None:
+    print(f"lipmargin: error: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Progress bar (stderr, only on a terminal)
+# --------------------------------------------------------------------------------------------
+
+
+class ProgressBar:
+    def __init__(self, stream: TextIO, enabled: bool) -> None:
+        self.stream, self.enabled = stream, enabled
+        self.total = 0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        kind = event.get("event")
+        if kind == "start":
+            self.total = int(event["epochs"])
+            self.t0 = time.perf_counter()
+        elif kind == "epoch":
+            done = int(event["epoch"])
+            width = 24
+            fill = int(width * done / max(self.total, 1))
+            k = event.get("lipschitz_per_layer") or []
+            kk = 1.0
+            for v in k:
+                kk *= v
+            text = (
+                f"\repoch {done}/{self.total} [{'#' * fill}{'.' * (width - fill)}] "
+                f"loss {event['train_loss']:.4f} acc {event['train_accuracy']:.3f} K {kk:.3g} "
+                f"{time.perf_counter() - self.t0:.0f}s"
+            )
+            self.stream.write(text)
+            self.stream.flush()
+        elif kind == "end":
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (applied on top of --preset)")
+    p.add_argument("--preset", help="named preset (see `lipmargin presets`); default digits-cll")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set loss.eps=0.5 (repeatable)")
+
+
+@command("train", "train a model from a preset / YAML config")
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--out", help="run folder (default runs/<preset>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest intact checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+
+
+def _format_table(summary: dict[str, Any], run_dir: Path) -> str:
+    rows = [("clean accuracy", f"{summary['clean_accuracy']:.4f}")]
+    for eps, acc in summary["certified_accuracy"].items():
+        rows.append((f"certified accuracy @ {eps}", f"{acc:.4f}"))
+    rows.append((f"Lipschitz bound ({summary['bound_method']})", f"{summary['lipschitz']:.4g}"))
+    rows.append(("evaluated on", f"{summary['num_samples']} {summary.get('eval_split', 'test')} samples"))
+    rows.append(("run folder", str(run_dir)))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+@_train_args
+def _train(args: argparse.Namespace) -> int:
+    from lipmargin.config import DEFAULT_PRESET, load_config
+    from lipmargin.train import fit
+
+    if args.resume:
+        if args.config or args.preset or args.overrides:
+            _err("--resume continues a run with its saved config; drop CONFIG, --preset and --set")
+            return EXIT_USAGE
+        out = Path(args.resume)
+        cfg = None
+    else:
+        cfg = load_config(args.config, preset=args.preset, overrides=args.overrides)
+        name = args.preset or (Path(args.config).stem if args.config else DEFAULT_PRESET)
+        out = Path(args.out) if args.out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    bar = ProgressBar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
+    if cfg is None:
+        from lipmargin.config import RunConfig
+
+        summary = fit(RunConfig(), out, resume=True, on_event=bar)
+    else:
+        summary = fit(cfg, out, on_event=bar)
+    if not args.quiet:
+        print(_format_table(summary, out))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# certify
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_eps_list(text: str) -> list[tuple[str, float]]:
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            value = _eval_radius(item)
+        except ValueError:
+            raise ValueError(f"--eps: {item!r} is not a number (use e.g. 0.141,0.5 or 36/255)") from None
+        if not value > 0:
+            raise ValueError(f"--eps: radii must be > 0; got {item}")
+        out.append((item, value))
+    if not out:
+        raise ValueError("--eps: give at least one radius, e.g. --eps 0.141,0.5")
+    return out
+
+
+def _eval_radius(text: str) -> float:
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+@command("certify", "certified accuracy of a trained run")
+def _certify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--eps", help="comma-separated radii (default: the run's eval.eps); 36/255 works too")
+    p.add_argument("--bound", default="sound", help="sound (default, provable) or power (converged power iteration)")
+    p.add_argument("--split", default="test", choices=["test", "train"], help="which split to certify")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default="auto")
+
+
+@_certify_args
+def _certify(args: argparse.Namespace) -> int:
+    from lipmargin.certify import BOUND_METHODS, certify, model_bound
+    from lipmargin.data import load_dataset
+    from lipmargin.train import eps_key, eval_batches, load_run, resolve_device
+
+    if args.bound not in BOUND_METHODS:
+        _err(f"--bound must be one of {', '.join(sorted(BOUND_METHODS))}; got {args.bound!r}")
+        return EXIT_USAGE
+    try:
+        eps_items = _parse_eps_list(args.eps) if args.eps else None
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    device = resolve_device(args.device)
+    cfg, model, epoch = load_run(args.run_dir, device)
+    if eps_items is None:
+        eps_items = [(eps_key(e), e) for e in cfg.eval.eps]
+    ds = load_dataset(cfg.data.name, cfg.data.root, args.split)
+    if ds.in_shape != model.in_shape:
+        _err(f"dataset {cfg.data.name} has inputs of shape {ds.in_shape} but the model expects {model.in_shape}")
+        return EXIT_USAGE
+    bounds = {name: model_bound(model, name) for name in sorted({args.bound, "power", "sound"})}
+    result = certify(model, eval_batches(ds, cfg.eval.batch_size, device), [v for _, v in eps_items], bound=bounds[args.bound])
+    cert = {label: result.certified_accuracy[float(v)] for label, v in eps_items}
+    payload = {
+        "clean_accuracy": result.clean_accuracy,
+        "certified_accuracy": cert,
+        "lipschitz": result.lipschitz,
+        "lipschitz_power": bounds["power"].lipschitz,
+        "lipschitz_sound": bounds["sound"].lipschitz,
+        "num_samples": result.num_samples,
+        "bound_method": result.bound_method,
+        "sound": result.sound,
+        "epoch": epoch,
+        "split": args.split,
+    }
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print(f"run {args.run_dir} (epoch {epoch}), {result.num_samples} {args.split} samples, bound: {result.bound_method}")
+        print(f"clean accuracy              {result.clean_accuracy:.4f}")
+        for label, acc in cert.items():
+            print(f"certified accuracy @ {label:<7} {acc:.4f}")
+        print(f"Lipschitz (sound)           {bounds['sound'].lipschitz:.6g}")
+        print(f"Lipschitz (power estimate)  {bounds['power'].lipschitz:.6g}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# listings
+# --------------------------------------------------------------------------------------------
+
+
+@command("presets", "list the named presets")
+def _presets_args(p: argparse.ArgumentParser) -> None:
+    return None
+
+
+@_presets_args
+def _presets(args: argparse.Namespace) -> int:
+    from lipmargin.config import list_presets, preset_description
+
+    names = list_presets()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {preset_description(name)}")
+    return 0
+
+
+@command("models", "list the registered models")
+def _models_args(p: argparse.ArgumentParser) -> None:
+    return None
+
+
+@_models_args
+def _models(args: argparse.Namespace) -> int:
+    from lipmargin.models import MODELS
+
+    width = max(len(n) for n in MODELS)
+    for name in sorted(MODELS):
+        print(f"{name:<{width}}  {MODELS[name].description}")
+    return 0
+
+
+@command("datasets", "list the registered datasets")
+def _datasets_args(p: argparse.ArgumentParser) -> None:
+    return None
+
+
+@_datasets_args
+def _datasets(args: argparse.Namespace) -> int:
+    from lipmargin.data import DATASETS
+
+    width = max(len(n) for n in DATASETS)
+    for name in sorted(DATASETS):
+        spec = DATASETS[name]
+        root = f" (default root {spec.default_root})" if spec.default_root else ""
+        print(f"{name:<{width}}  {spec.description}{root}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lipmargin import __version__
+
+    parser = argparse.ArgumentParser(prog="lipmargin", description="Certified L2-robust classifiers with CLL.")
+    parser.add_argument("--version", action="version", version=f"lipmargin {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, configure, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+        configure(sp)
+    return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from lipmargin.checkpoint import CheckpointError
+    from lipmargin.config import ConfigError
+    from lipmargin.data import DatasetError
+    from lipmargin.train import TrainingError
+
+    return (ConfigError, DatasetError, CheckpointError, TrainingError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its usage message
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    fn = COMMANDS[args.command][0]
+    debug = bool(getattr(args, "debug", False))
+    try:
+        return fn(args)
+    except _expected_errors() as e:
+        if debug:
+            raise
+        _err(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

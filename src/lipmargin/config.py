@@ -1,0 +1,364 @@
+"""Run configuration: frozen dataclasses per concern, YAML loading, ``--set`` overrides, presets.
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` (a ``ValueError``)
+with a one-line message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "LossConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "RunConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "apply_overrides",
+    "list_presets",
+    "load_preset",
+    "preset_description",
+    "DEFAULT_PRESET",
+]
+
+DEFAULT_PRESET = "digits-cll"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or key; the message is one line."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None
+    val_fraction: float = 0.0  # held out of the training set; evaluation then uses it, not the test set
+    augment: bool = True  # the dataset's default augmentation (METHOD.md section 6)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "2C2F"
+    width: int | None = None  # base width of the conv models (None: the architecture's default)
+    widths: tuple[int, ...] | None = None  # hidden widths of the MLP
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "cll"  # cll | gloro | ce
+    eps: float = 0.5
+    p: float = 0.01
+    lipschitz_penalty: float = 1e-4  # lambda in lambda * K_tot^power
+    penalty_power: float = 2.0
+    one_sided: bool = False  # CLL: no offset on the target logit
+    per_logit: bool = False  # CLL: per-logit normalisation
+    k_scale_schedule: bool = False  # CLL: scheduled inverse temperature (Tiny-ImageNet configs)
+    detach_lipschitz: bool = True  # CLL: K is a constant inside the loss (the authors' default)
+    eps_anneal: bool = True  # GloRo: eps_end * (1 - (1 - t/T)^5)
+    trades_lambda: float = 0.0  # GloRo: > 0 selects the TRADES variant
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    milestones: tuple[int, ...] = ()  # epochs at which the learning rate is multiplied by gamma
+    gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 128
+    seed: int = 0
+    power_iters: int = 5  # power-iteration steps per training step
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eps: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255)
+    every: int = 0  # evaluate every N epochs (0: only after the last epoch)
+    batch_size: int = 1000
+    bound: str = "power"  # bound used for the per-epoch metrics (certify uses sound by default)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Type coercion
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return tuple(_coerce(v if not isinstance(v, str) else yaml.safe_load(v), item, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = _fields(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            valid = ", ".join(f"{prefix}{k}" for k in fields)
+            raise ConfigError(f"unknown config key {full!r}; valid keys: {valid}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a nested mapping (e.g. parsed YAML)."""
+    cfg = _build(RunConfig, values or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML / JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of ranges and registry names
+# --------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range and name checks; registries are imported here so that the names are always current."""
+    from lipmargin.data import list_datasets
+    from lipmargin.models import list_models
+    from lipmargin.train import list_train_losses
+
+    _require(cfg.data.name in list_datasets(), f"data.name: unknown dataset {cfg.data.name!r}; choose one of {', '.join(list_datasets())}")
+    _require(0.0 <= cfg.data.val_fraction < 1.0, f"data.val_fraction must be in [0, 1); got {cfg.data.val_fraction}")
+    _require(cfg.model.name in list_models(), f"model.name: unknown model {cfg.model.name!r}; choose one of {', '.join(list_models())}")
+    _require(cfg.model.width is None or cfg.model.width >= 1, f"model.width must be >= 1; got {cfg.model.width}")
+    losses = list_train_losses()
+    _require(cfg.loss.name in losses, f"loss.name: unknown loss {cfg.loss.name!r}; choose one of {', '.join(losses)}")
+    _require(math.isfinite(cfg.loss.eps) and cfg.loss.eps > 0, f"loss.eps must be > 0 (an L2 radius); got {cfg.loss.eps}")
+    _require(0.0 < cfg.loss.p < 1.0, f"loss.p must lie in the open interval (0, 1); got {cfg.loss.p}")
+    _require(cfg.loss.lipschitz_penalty >= 0, f"loss.lipschitz_penalty must be >= 0; got {cfg.loss.lipschitz_penalty}")
+    _require(cfg.loss.penalty_power > 0, f"loss.penalty_power must be > 0; got {cfg.loss.penalty_power}")
+    _require(cfg.loss.trades_lambda >= 0, f"loss.trades_lambda must be >= 0; got {cfg.loss.trades_lambda}")
+    _require(cfg.optim.lr > 0, f"optim.lr must be > 0; got {cfg.optim.lr}")
+    _require(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {cfg.optim.weight_decay}")
+    _require(0 < cfg.optim.gamma <= 1, f"optim.gamma must be in (0, 1]; got {cfg.optim.gamma}")
+    _require(all(m >= 1 for m in cfg.optim.milestones), f"optim.milestones must be epochs >= 1; got {list(cfg.optim.milestones)}")
+    _require(cfg.train.epochs >= 1, f"train.epochs must be >= 1; got {cfg.train.epochs}")
+    _require(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1; got {cfg.train.batch_size}")
+    _require(cfg.train.power_iters >= 0, f"train.power_iters must be >= 0; got {cfg.train.power_iters}")
+    _require(cfg.train.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1; got {cfg.train.checkpoint_every}")
+    _require(cfg.train.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1; got {cfg.train.keep_checkpoints}")
+    dev = cfg.train.device
+    _require(
+        dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+        f"train.device must be auto, cpu, cuda or cuda:N; got {dev!r}",
+    )
+    _require(len(cfg.eval.eps) >= 1, "eval.eps must list at least one radius")
+    _require(all(math.isfinite(e) and e > 0 for e in cfg.eval.eps), f"eval.eps values must be > 0; got {list(cfg.eval.eps)}")
+    _require(cfg.eval.every >= 0, f"eval.every must be >= 0; got {cfg.eval.every}")
+    _require(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1; got {cfg.eval.batch_size}")
+    from lipmargin.certify import BOUND_METHODS
+
+    _require(cfg.eval.bound in BOUND_METHODS, f"eval.bound must be one of {', '.join(sorted(BOUND_METHODS))}; got {cfg.eval.bound!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# YAML, overrides, presets
+# --------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "invalid YAML"
+        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"loss.eps=0.5"`` -> (["loss", "eps"], 0.5); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. loss.eps=0.5)")
+    key, raw = item.split("=", 1)
+    path = [k for k in key.strip().split(".") if k]
+    if not path:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a nested dict (validated later by config_from_dict)."""
+    out = dict(values)
+    for item in overrides:
+        path, value = parse_override(item)
+        nested: dict[str, Any] = value
+        for k in reversed(path):
+            nested = {k: nested}
+        out = _merge(out, nested)
+    return out
+
+
+def _preset_dir() -> Path:
+    return Path(str(resources.files("lipmargin") / "configs"))
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in _preset_dir().glob("*.yaml"))
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    path = _preset_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(list_presets())}")
+    return _read_yaml(path)
+
+
+def load_preset(name: str) -> RunConfig:
+    return config_from_dict(preset_values(name))
+
+
+def preset_description(name: str) -> str:
+    return str(preset_values(name).get("description", ""))
+
+
+def load_config(
+    path: str | Path | None = None, *, preset: str | None = None, overrides: Sequence[str] = ()
+) -> RunConfig:
+    """Preset (if any), then the YAML file (if any), then the overrides; validated."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        values = preset_values(preset)
+    if path is not None:
+        values = _merge(values, _read_yaml(Path(path)))
+    if preset is None and path is None:
+        values = preset_values(DEFAULT_PRESET)
+    values = apply_overrides(values, overrides)
+    return config_from_dict(values)

@@ -1,0 +1,422 @@
+"""Training: ``fit(config, out_dir)``, one epoch, evaluation, checkpoints and resume.
+
+The library does not print: progress is reported through the optional ``on_event`` callback
+(the CLI draws the progress bar).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor
+
+from lipmargin.certify import CertifyResult, certify, model_bound
+from lipmargin.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    latest_checkpoint,
+    save_checkpoint,
+    set_torch_rng_state,
+    torch_rng_state,
+)
+from lipmargin.config import LossConfig, RunConfig, config_from_dict, config_to_dict
+from lipmargin.data import ArrayDataset, DeviceLoader, load_dataset, train_val_split
+from lipmargin.lipschitz import pairwise_head_norms
+from lipmargin.losses import (
+    cll_loss,
+    gloro_eps_schedule,
+    gloro_loss,
+    k_scale_schedule,
+    lipschitz_penalty,
+)
+from lipmargin.models import LipschitzNet, create_model
+
+__all__ = [
+    "TRAIN_LOSSES",
+    "register_train_loss",
+    "list_train_losses",
+    "TrainingError",
+    "RunData",
+    "resolve_device",
+    "load_run_data",
+    "build_model",
+    "train_one_epoch",
+    "evaluate",
+    "fit",
+    "load_run",
+    "metrics_record",
+]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, an unusable run folder); one-line message."""
+
+
+# --------------------------------------------------------------------------------------------
+# Training losses by name: (logits, target, model, K, progress) -> scalar
+# --------------------------------------------------------------------------------------------
+
+TrainLoss = Callable[[Tensor, Tensor, LipschitzNet, Tensor, float], Tensor]
+TRAIN_LOSSES: dict[str, Callable[[LossConfig], TrainLoss]] = {}
+
+
+def register_train_loss(name: str) -> Callable[[Callable[[LossConfig], TrainLoss]], Callable[[LossConfig], TrainLoss]]:
+    """Decorator: register ``build(loss_config) -> train_loss`` under ``name`` (``loss.name``)."""
+
+    def decorator(build: Callable[[LossConfig], TrainLoss]) -> Callable[[LossConfig], TrainLoss]:
+        TRAIN_LOSSES[name] = build
+        return build
+
+    return decorator
+
+
+def list_train_losses() -> list[str]:
+    return sorted(TRAIN_LOSSES)
+
+
+@register_train_loss("cll")
+def _cll(cfg: LossConfig) -> TrainLoss:
+    def loss(logits: Tensor, target: Tensor, model: LipschitzNet, k: Tensor, progress: float) -> Tensor:
+        w = model.head.weight
+        if cfg.per_logit:
+            bound = k * w.norm(dim=1)  # (C,)
+        else:
+            bound = (k * pairwise_head_norms(w))[target]  # (B, C): the target's row
+        scale = k_scale_schedule(progress) if cfg.k_scale_schedule else 1.0
+        return cll_loss(
+            logits, target, bound, cfg.eps, cfg.p, one_sided=cfg.one_sided, per_logit=cfg.per_logit,
+            k_scale=scale, detach_lipschitz=cfg.detach_lipschitz,
+        )
+
+    return loss
+
+
+@register_train_loss("gloro")
+def _gloro(cfg: LossConfig) -> TrainLoss:
+    def loss(logits: Tensor, target: Tensor, model: LipschitzNet, k: Tensor, progress: float) -> Tensor:
+        eps = gloro_eps_schedule(progress, cfg.eps) if cfg.eps_anneal else cfg.eps
+        return gloro_loss(logits, target, model.pairwise_lipschitz(k), eps, trades_lambda=cfg.trades_lambda)
+
+    return loss
+
+
+@register_train_loss("ce")
+def _ce(cfg: LossConfig) -> TrainLoss:
+    def loss(logits: Tensor, target: Tensor, model: LipschitzNet, k: Tensor, progress: float) -> Tensor:
+        return F.cross_entropy(logits, target)
+
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Data and model for a run
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device is {name!r} but no CUDA device is available; use cpu or auto")
+    return dev
+
+
+@dataclass(frozen=True)
+class RunData:
+    train: ArrayDataset
+    eval: ArrayDataset  # the validation part when data.val_fraction > 0, else the test set
+    eval_split: str
+
+
+def load_run_data(cfg: RunConfig) -> RunData:
+    train = load_dataset(cfg.data.name, cfg.data.root, "train")
+    if cfg.data.val_fraction > 0:
+        train, val = train_val_split(train, cfg.data.val_fraction, seed=0)
+        return RunData(train, val, "val")
+    return RunData(train, load_dataset(cfg.data.name, cfg.data.root, "test"), "test")
+
+
+def build_model(cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int) -> LipschitzNet:
+    """Create the configured model with the run's seed (the same init on every call)."""
+    options: dict[str, Any] = {}
+    if cfg.model.width is not None:
+        options["width"] = cfg.model.width
+    if cfg.model.widths is not None:
+        options["widths"] = cfg.model.widths
+    torch.manual_seed(cfg.train.seed)
+    try:
+        return create_model(cfg.model.name, in_shape, num_classes, **options)
+    except TypeError as e:
+        raise TrainingError(f"model {cfg.model.name!r} does not take the options {sorted(options)}: {e}") from None
+
+
+def eval_batches(ds: ArrayDataset, batch_size: int, device: torch.device) -> DeviceLoader:
+    return DeviceLoader(ds, batch_size, device=device, shuffle=False)
+
+
+# --------------------------------------------------------------------------------------------
+# One epoch, evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    lipschitz_estimate: float
+    seconds: float
+
+
+def train_one_epoch(
+    model: LipschitzNet,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    train_loss: TrainLoss,
+    cfg: RunConfig,
+    epoch: int,
+    steps_per_epoch: int,
+) -> EpochStats:
+    """One pass over ``loader``; ``epoch`` counts from 1.  Raises TrainingError on a non-finite loss."""
+    model.train()
+    device = next(model.parameters()).device
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    # Index of the first step with a non-finite loss, -1 while all are finite; kept on the device so
+    # the hot loop never waits for the GPU.
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen = 0
+    k = torch.ones((), device=device)
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(loader):
+        progress = (epoch - 1 + step / max(steps_per_epoch, 1)) / cfg.train.epochs
+        logits = model(x)
+        k, _ = model.feature_lipschitz(cfg.train.power_iters)
+        loss = train_loss(logits, y, model, k, progress)
+        if cfg.loss.lipschitz_penalty > 0:
+            k_tot = k * pairwise_head_norms(model.head.weight).max()
+            loss = loss + lipschitz_penalty(k_tot, cfg.loss.lipschitz_penalty, cfg.loss.penalty_power)
+        finite = torch.isfinite(loss)
+        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach().double() * y.shape[0]
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.shape[0]
+    bad = int(first_bad)
+    if bad >= 0:
+        raise TrainingError(
+            f"non-finite training loss at epoch {epoch}, step {bad + 1}; the last good checkpoint is kept "
+            f"(try a smaller optim.lr or loss.lipschitz_penalty)"
+        )
+    return EpochStats(
+        loss=float(total_loss) / max(seen, 1),
+        accuracy=float(correct) / max(seen, 1),
+        lipschitz_estimate=float(k.detach()),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def evaluate(
+    model: LipschitzNet, ds: ArrayDataset, eps: Iterable[float], *, method: str, batch_size: int = 1000
+) -> CertifyResult:
+    """Clean and certified accuracy of ``model`` on ``ds`` with the named bound method."""
+    device = next(model.parameters()).device
+    bound = model_bound(model, method)
+    return certify(model, eval_batches(ds, batch_size, device), list(eps), bound=bound)
+
+
+def eps_key(eps: float) -> str:
+    """A stable, short text form of a radius for JSON keys (``0.1411764705882353`` -> ``0.141176``)."""
+    return f"{eps:.6g}"
+
+
+def metrics_record(result: CertifyResult) -> dict[str, Any]:
+    return {
+        "clean_accuracy": result.clean_accuracy,
+        "certified_accuracy": {eps_key(e): v for e, v in result.certified_accuracy.items()},
+        "lipschitz": result.lipschitz,
+        "lipschitz_features": result.bound.feature,
+        "bound_method": result.bound_method,
+        "num_samples": result.num_samples,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------
+
+
+def _rewrite_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+    """Keep the metrics lines of epochs <= ``upto_epoch`` (those a resumed run will not redo)."""
+    kept: list[dict[str, Any]] = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if isinstance(rec, dict) and int(rec.get("epoch", 0)) <= upto_epoch:
+                kept.append(rec)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def fit(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` into ``out_dir``; returns the summary (also written to ``summary.json``).
+
+    ``out_dir`` receives ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per evaluated
+    epoch), ``checkpoints/epoch-*.{safetensors,json}`` and ``summary.json``.  With ``resume`` the
+    newest intact checkpoint is loaded and training continues after its epoch; on CPU the result is
+    the same as that of an uninterrupted run.
+    """
+    out = Path(out_dir)
+    emit = on_event or (lambda event: None)
+    ckpt_dir = out / "checkpoints"
+    start_epoch = 0
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(ckpt_dir)
+        if checkpoint is None:
+            raise TrainingError(f"--resume: no intact checkpoint under {ckpt_dir}")
+        cfg = config_from_dict(checkpoint.meta["config"])
+        start_epoch = checkpoint.epoch
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+    device = resolve_device(cfg.train.device)
+    data = load_run_data(cfg)
+    model = build_model(cfg, data.train.in_shape, data.train.num_classes).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.milestones), cfg.optim.gamma)
+    history: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint.model_state)
+            optimizer.load_state_dict(checkpoint.extra_state["optimizer"])
+            scheduler.load_state_dict(checkpoint.extra_state["scheduler"])
+            set_torch_rng_state(checkpoint.extra_state.get("rng", {}))
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {checkpoint.path} does not match the configured model: {str(e).splitlines()[0]}") from None
+        train_seconds = float(checkpoint.meta.get("train_seconds", 0.0))
+        history = _rewrite_metrics(out / "metrics.jsonl", start_epoch)
+    elif (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+
+    train_loss = TRAIN_LOSSES[cfg.loss.name](cfg.loss)
+    aug = None
+    if cfg.data.augment:
+        from lipmargin.data import DATASETS
+
+        aug = DATASETS[cfg.data.name].augment
+    loader = DeviceLoader(
+        data.train, cfg.train.batch_size, device=device, shuffle=True, augment=aug, seed=cfg.train.seed
+    )
+    emit({"event": "start", "epochs": cfg.train.epochs, "start_epoch": start_epoch, "device": str(device)})
+    last_eval: CertifyResult | None = None
+    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+        loader.set_epoch(epoch)
+        stats = train_one_epoch(model, loader, optimizer, train_loss, cfg, epoch, len(loader))
+        scheduler.step()
+        train_seconds += stats.seconds
+        per_layer = model.bound.converge()  # end-of-epoch convergence (METHOD.md section 3)
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": stats.loss,
+            "train_accuracy": stats.accuracy,
+            "lr": optimizer.param_groups[0]["lr"],
+            "lipschitz_per_layer": [float(v) for v in per_layer],
+            "seconds": stats.seconds,
+        }
+        is_last = epoch == cfg.train.epochs
+        if is_last or (cfg.eval.every > 0 and epoch % cfg.eval.every == 0):
+            last_eval = evaluate(model, data.eval, cfg.eval.eps, method=cfg.eval.bound, batch_size=cfg.eval.batch_size)
+            record.update(metrics_record(last_eval))
+            record["eval_split"] = data.eval_split
+        history.append(record)
+        _append_line(out / "metrics.jsonl", record)
+        if is_last or epoch % cfg.train.checkpoint_every == 0:
+            save_checkpoint(
+                ckpt_dir,
+                epoch,
+                model.state_dict(),
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch_rng_state()},
+                {
+                    "config": config_to_dict(cfg),
+                    "train_seconds": train_seconds,
+                    "metrics": record,
+                    "data_shape": {"in_shape": list(data.train.in_shape), "num_classes": data.train.num_classes},
+                },
+                keep=cfg.train.keep_checkpoints,
+            )
+        emit({"event": "epoch", **record})
+
+    if last_eval is None:  # resumed a run that had already finished
+        last_eval = evaluate(model, data.eval, cfg.eval.eps, method=cfg.eval.bound, batch_size=cfg.eval.batch_size)
+    summary = {
+        **metrics_record(last_eval),
+        "epochs": cfg.train.epochs,
+        "eval_split": data.eval_split,
+        "train_seconds": train_seconds,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "model": cfg.model.name,
+        "loss": cfg.loss.name,
+        "dataset": cfg.data.name,
+        "seed": cfg.train.seed,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    emit({"event": "end", **summary})
+    return summary
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RunConfig, LipschitzNet, int]:
+    """Rebuild the model of a run folder from its newest intact checkpoint: ``(config, model, epoch)``."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder {run} does not exist")
+    ckpt = latest_checkpoint(run / "checkpoints")
+    if ckpt is None:
+        found = sorted(p.name for p in (run / "checkpoints").glob("*")) if (run / "checkpoints").is_dir() else []
+        detail = f"found only damaged files: {', '.join(found)}" if found else "no checkpoint files"
+        raise CheckpointError(f"no intact checkpoint in {run / 'checkpoints'} ({detail})")
+    try:
+        cfg = config_from_dict(ckpt.meta["config"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt.path} holds no valid config: {e}") from None
+    data_shape = ckpt.meta.get("data_shape")
+    in_shape, num_classes = _model_shape_from_state(ckpt.model_state, cfg, data_shape)
+    model = build_model(cfg, in_shape, num_classes)
+    try:
+        model.load_state_dict(ckpt.model_state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {ckpt.path} does not match model {cfg.model.name}: {str(e).splitlines()[0]}") from None
+    return cfg, model.to(device).eval(), ckpt.epoch
+
+
+def _model_shape_from_state(state: dict[str, Tensor], cfg: RunConfig, data_shape: Any) -> tuple[tuple[int, ...], int]:
+    if data_shape is not None:
+        return tuple(int(s) for s in data_shape["in_shape"]), int(data_shape["num_classes"])
+    ds = load_dataset(cfg.data.name, cfg.data.root, "test")
+    return ds.in_shape, ds.num_classes
