@@ -20,20 +20,22 @@ __all__ = ["main", "entry", "COMMANDS"]
 EXIT_USAGE = 2
 
 CommandFn = Callable[[argparse.Namespace], int]
-COMMANDS: dict[str, tuple[CommandFn, Callable[[argparse.ArgumentParser], None], str]] = {}
+Configure = Callable[[argparse.ArgumentParser], None]
+COMMANDS: dict[str, tuple[CommandFn, Configure, str]] = {}
 
 
-def command(name: str, help_text: str) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable]:
-    """Register ``configure(parser)`` and, through the returned decorator chain, the command body."""
+def command(name: str, help_text: str, configure: Configure) -> Callable[[CommandFn], CommandFn]:
+    """Register a sub-command: ``configure(parser)`` adds its arguments, the function runs it."""
 
-    def decorator(configure: Callable[[argparse.ArgumentParser], None]) -> Callable[[CommandFn], CommandFn]:
-        def attach(fn: CommandFn) -> CommandFn:
-            COMMANDS[name] = (fn, configure, help_text)
-            return fn
-
-        return attach
+    def decorator(fn: CommandFn) -> CommandFn:
+        COMMANDS[name] = (fn, configure, help_text)
+        return fn
 
     return decorator
+
+
+def _no_args(p: argparse.ArgumentParser) -> None:
+    return None
 
 
 def _err(message: str) -> None:
@@ -90,7 +92,6 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set loss.eps=0.5 (repeatable)")
 
 
-@command("train", "train a model from a preset / YAML config")
 def _train_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     p.add_argument("--out", help="run folder (default runs/<preset>-<time>)")
@@ -109,7 +110,7 @@ def _format_table(summary: dict[str, Any], run_dir: Path) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-@_train_args
+@command("train", "train a model from a preset / YAML config", _train_args)
 def _train(args: argparse.Namespace) -> int:
     from lipmargin.config import DEFAULT_PRESET, load_config
     from lipmargin.train import fit
@@ -166,7 +167,6 @@ def _eval_radius(text: str) -> float:
     return float(text)
 
 
-@command("certify", "certified accuracy of a trained run")
 def _certify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--eps", help="comma-separated radii (default: the run's eval.eps); 36/255 works too")
@@ -176,7 +176,7 @@ def _certify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
-@_certify_args
+@command("certify", "certified accuracy of a trained run", _certify_args)
 def _certify(args: argparse.Namespace) -> int:
     from lipmargin.certify import BOUND_METHODS, certify, model_bound
     from lipmargin.data import load_dataset
@@ -226,16 +226,152 @@ def _certify(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# sweep, report, audit
+# --------------------------------------------------------------------------------------------
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a swept config key and its values, e.g. --grid loss.p=0.01,0.3 (repeatable)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per cell: train.seed, train.seed+1, ...")
+    p.add_argument("--out", required=True, help="sweep folder (re-running continues where it stopped)")
+    p.add_argument("--quiet", action="store_true")
+
+
+@command("sweep", "train a grid of configs x seeds and tabulate mean / std", _sweep_args)
+def _sweep(args: argparse.Namespace) -> int:
+    from lipmargin.config import config_to_dict, load_config
+    from lipmargin.sweep import parse_grid, run_sweep
+
+    base = config_to_dict(load_config(args.config, preset=args.preset, overrides=args.overrides))
+    grid = parse_grid(args.grid)
+    verbose = not args.quiet
+
+    def progress(event: dict[str, Any]) -> None:
+        if verbose and event.get("event") == "run":
+            print(f"[{event['index']}/{event['total']}] {event['status']:<6} {event['run_dir']}", file=sys.stderr, flush=True)
+
+    run_sweep(base, grid, args.seeds, args.out, on_event=progress)
+    if verbose:
+        print((Path(args.out) / "results.md").read_text(), end="")
+        print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="RUN_OR_SWEEP_DIR")
+    p.add_argument("--out", help="folder for report.md and the figures (default: the run / sweep folder)")
+
+
+@command("report", "write report.md with figures for a run or a sweep", _report_args)
+def _report(args: argparse.Namespace) -> int:
+    try:
+        from lipmargin.report import write_report
+    except ImportError as e:  # matplotlib missing
+        _err(str(e))
+        return EXIT_USAGE
+    try:
+        path = write_report(args.path, args.out)
+    except ImportError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    print(path)
+    return 0
+
+
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--eps", help="comma-separated radii (default: the run's eval.eps)")
+    p.add_argument("--n", type=int, default=1000, help="test samples to audit (default 1000)")
+    p.add_argument("--bound", default="sound", help="bound whose certificates are audited (sound or power)")
+    p.add_argument("--pgd-steps", type=int, default=50)
+    p.add_argument("--pgd-restarts", type=int, default=5)
+    p.add_argument("--lobo-pairs", type=int, default=500, help="LOBO pairs (the paper: 4000)")
+    p.add_argument("--lobo-steps", type=int, default=200, help="LOBO Adam steps (the paper: 1000)")
+    p.add_argument("--lobo-lr", type=float, default=3e-4)
+    p.add_argument("--autoattack", action="store_true", help="also run APGD-CE / APGD-T (needs lipmargin[attacks])")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default="auto")
+
+
+@command("audit", "attack every certificate and bound the Lipschitz constant from below", _audit_args)
+def _audit(args: argparse.Namespace) -> int:
+    import torch
+
+    from lipmargin.audit import audit_model
+    from lipmargin.certify import BOUND_METHODS, model_bound
+    from lipmargin.data import input_box, load_dataset, to_float
+    from lipmargin.train import eps_key, load_run, resolve_device
+
+    if args.bound not in BOUND_METHODS:
+        _err(f"--bound must be one of {', '.join(sorted(BOUND_METHODS))}; got {args.bound!r}")
+        return EXIT_USAGE
+    for name in ("n", "pgd_steps", "pgd_restarts", "lobo_pairs", "lobo_steps"):
+        if getattr(args, name) < 1:
+            _err(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+            return EXIT_USAGE
+    try:
+        eps_items = _parse_eps_list(args.eps) if args.eps else None
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    device = resolve_device(args.device)
+    cfg, model, epoch = load_run(args.run_dir, device)
+    if eps_items is None:
+        eps_items = [(eps_key(e), e) for e in cfg.eval.eps]
+    test = load_dataset(cfg.data.name, cfg.data.root, "test")
+    train = load_dataset(cfg.data.name, cfg.data.root, "train")
+    if test.in_shape != model.in_shape:
+        _err(f"dataset {cfg.data.name} has inputs of shape {test.in_shape} but the model expects {model.in_shape}")
+        return EXIT_USAGE
+    n = min(args.n, len(test))
+    x = to_float(test.inputs[:n]).to(device)
+    y = test.labels[:n].to(device)
+    # LOBO starts from training images chosen by the audit's seed.
+    lobo_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: 2 * args.lobo_pairs]
+    result = audit_model(
+        model, x, y, [v for _, v in eps_items],
+        lobo_inputs=to_float(train.inputs[lobo_idx]).to(device),
+        bound=model_bound(model, args.bound),
+        pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts,
+        lobo_pairs=args.lobo_pairs, lobo_steps=args.lobo_steps, lobo_lr=args.lobo_lr,
+        use_autoattack=args.autoattack, clamp=input_box(test.inputs), seed=args.seed,
+    )
+    labels = {float(v): label for label, v in eps_items}
+    payload = {
+        "certified_accuracy": {labels[e]: v for e, v in result.certified_accuracy.items()},
+        "empirical_robust_accuracy": {labels[e]: v for e, v in result.empirical_robust_accuracy.items()},
+        "clean_accuracy": result.clean_accuracy,
+        "violations": result.violations,
+        "violation_details": result.violation_details[:20],
+        "lipschitz_upper": result.lipschitz_upper,
+        "lipschitz_lower": result.lipschitz_lower,
+        "tightness": result.tightness,
+        "per_layer": result.per_layer,
+        "num_samples": result.num_samples,
+        "bound_method": args.bound,
+        "attacks": result.attacks,
+        "epoch": epoch,
+    }
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print(f"audit of {args.run_dir} (epoch {epoch}) on {n} test samples, bound {args.bound}, attacks {', '.join(result.attacks)}")
+        for label, v in eps_items:
+            print(f"eps {label:<8} certified {result.certified_accuracy[v]:.4f}  empirical robust {result.empirical_robust_accuracy[v]:.4f}")
+        print(f"Lipschitz upper {result.lipschitz_upper:.6g}  lower (LOBO) {result.lipschitz_lower:.6g}  tightness {result.tightness:.4f}")
+        print(f"violations: {result.violations}")
+    return 1 if result.violations else 0
+
+
+# --------------------------------------------------------------------------------------------
 # listings
 # --------------------------------------------------------------------------------------------
 
 
-@command("presets", "list the named presets")
-def _presets_args(p: argparse.ArgumentParser) -> None:
-    return None
-
-
-@_presets_args
+@command("presets", "list the named presets", _no_args)
 def _presets(args: argparse.Namespace) -> int:
     from lipmargin.config import list_presets, preset_description
 
@@ -246,12 +382,7 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("models", "list the registered models")
-def _models_args(p: argparse.ArgumentParser) -> None:
-    return None
-
-
-@_models_args
+@command("models", "list the registered models", _no_args)
 def _models(args: argparse.Namespace) -> int:
     from lipmargin.models import MODELS
 
@@ -261,12 +392,7 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("datasets", "list the registered datasets")
-def _datasets_args(p: argparse.ArgumentParser) -> None:
-    return None
-
-
-@_datasets_args
+@command("datasets", "list the registered datasets", _no_args)
 def _datasets(args: argparse.Namespace) -> int:
     from lipmargin.data import DATASETS
 

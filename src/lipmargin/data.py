@@ -188,6 +188,19 @@ def to_float(inputs: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"to_float: expected a uint8 or floating tensor, got {inputs.dtype}")
 
 
+def input_box(inputs: torch.Tensor) -> tuple[float, float] | None:
+    """The valid input range for attacks: ``(0, 1)`` for images, ``None`` for unbounded features.
+
+    uint8 images become [0, 1] pixels; float data already inside [0, 1] (the digits) is treated as
+    pixels too; anything else (two moons) has no box.
+    """
+    if inputs.dtype == torch.uint8:
+        return (0.0, 1.0)
+    if inputs.numel() and float(inputs.min()) >= 0.0 and float(inputs.max()) <= 1.0:
+        return (0.0, 1.0)
+    return None
+
+
 def train_val_split(
     ds: ArrayDataset, val_fraction: float, seed: int = 0
 ) -> tuple[ArrayDataset, ArrayDataset]:

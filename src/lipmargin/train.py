@@ -251,6 +251,14 @@ def metrics_record(result: CertifyResult) -> dict[str, Any]:
     }
 
 
+def write_certificates(path: Path, result: CertifyResult) -> None:
+    """Per-sample ``index,target,prediction,radius`` of an evaluation, as CSV (radius may be inf)."""
+    lines = ["index,target,prediction,radius"]
+    rows = zip(result.target.tolist(), result.prediction.tolist(), result.radius.tolist())
+    lines += [f"{i},{t},{c},{r!r}" for i, (t, c, r) in enumerate(rows)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 # --------------------------------------------------------------------------------------------
 # fit
 # --------------------------------------------------------------------------------------------
@@ -386,6 +394,7 @@ def fit(
         "dataset": cfg.data.name,
         "seed": cfg.train.seed,
     }
+    write_certificates(out / "certificates.csv", last_eval)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     emit({"event": "end", **summary})
     return summary

@@ -1,0 +1,39 @@
+# Two commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-all clean
+
+$(BIN)/python:
+	# --system-site-packages: a torch the user already has (CUDA or not) stays visible and is reused.
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "using the installed torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "installing torch $(TORCH_VERSION) (CPU build)"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+		|| $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
+	fi
+	$(PIP) install -q -e ".[dev]"
+	@touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/lipmargin train --preset digits-cll --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow" -rN $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -rN $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,151 @@
+"""Audit a trained model's certificates: try to break them, and bound the Lipschitz constant from below.
+
+A certificate says no input within distance ``R(x)`` of ``x`` changes the prediction.  The audit
+attacks every certified sample with PGD-L2 (and AutoAttack's APGD when ``torchattacks`` is
+installed) at the evaluation radius and at each sample's own certified radius; any success is a
+*violation*, proof that a bound was wrong.  The empirical lower bound of the Lipschitz constant
+(LOBO) is a true difference quotient, so it must stay below the upper bound (tightness <= 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lipmargin.attacks import autoattack_l2, lipschitz_lower_bound, pgd_l2
+from lipmargin.certify import ModelBound, certified_radius, model_bound
+from lipmargin.models import LipschitzNet
+
+__all__ = ["AuditResult", "audit_model"]
+
+
+@dataclass
+class AuditResult:
+    num_samples: int
+    clean_accuracy: float
+    certified_accuracy: dict[float, float]
+    empirical_robust_accuracy: dict[float, float]
+    violations: int
+    violation_details: list[dict[str, Any]]
+    lipschitz_upper: float
+    lipschitz_lower: float
+    tightness: float
+    per_layer: list[dict[str, Any]]
+    attacks: list[str] = field(default_factory=list)
+
+
+def _predict(model: LipschitzNet, x: Tensor) -> Tensor:
+    return model(x).argmax(1)
+
+
+def audit_model(
+    model: LipschitzNet,
+    inputs: Tensor,
+    target: Tensor,
+    eps: Sequence[float],
+    *,
+    lobo_inputs: Tensor,
+    bound: ModelBound | None = None,
+    pgd_steps: int = 50,
+    pgd_restarts: int = 5,
+    lobo_pairs: int = 500,
+    lobo_steps: int = 200,
+    lobo_lr: float = 3e-4,
+    use_autoattack: bool = False,
+    clamp: tuple[float, float] | None = (0.0, 1.0),
+    seed: int = 0,
+) -> AuditResult:
+    """Audit ``model`` on ``(inputs, target)``; ``lobo_inputs`` are the images LOBO starts from.
+
+    ``clamp`` is the valid input box (pixels in [0, 1]; ``None`` for unbounded data such as two
+    moons): attacks and LOBO stay inside it.
+
+    Certification uses float64 logits and ``bound`` (sound by default).  Attacks run on a float64
+    copy too, so that a "flip" is never an artefact of float32 rounding at the decision boundary.
+    """
+    if bound is None:
+        bound = model_bound(model, "sound")
+    device = inputs.device
+    m64 = _float64_copy(model).to(device)
+    x64 = inputs.to(torch.float64)
+    with torch.no_grad():
+        radius, pred = certified_radius(m64(x64), bound.pairwise.to(device))
+    correct = pred == target
+    n = int(target.numel())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    violations: list[dict[str, Any]] = []
+    cert_acc: dict[float, float] = {}
+    robust_acc: dict[float, float] = {}
+    attacks = ["pgd-l2"] + (["apgd-ce", "apgd-t"] if use_autoattack else [])
+
+    def broken_by_attacks(x: Tensor, y: Tensor, radius_or_eps: float | Tensor) -> Tensor:
+        adv = pgd_l2(m64, x, y, radius_or_eps, steps=pgd_steps, restarts=pgd_restarts, clamp=clamp, generator=gen)
+        with torch.no_grad():
+            broken = _predict(m64, adv) != y
+        if use_autoattack:
+            eps_value = float(radius_or_eps) if not isinstance(radius_or_eps, Tensor) else None
+            if eps_value is not None:
+                adv2 = autoattack_l2(m64, x, y, eps_value, seed=seed)
+                with torch.no_grad():
+                    broken |= _predict(m64, adv2.to(x.dtype)) != y
+        return broken
+
+    for e in eps:
+        certified = correct & (radius > e)
+        cert_acc[float(e)] = float(certified.sum()) / max(n, 1)
+        idx = correct.nonzero().flatten()
+        robust = torch.zeros_like(correct)
+        if idx.numel():
+            broken = broken_by_attacks(x64[idx], target[idx], float(e))
+            robust[idx] = ~broken
+            for i in idx[broken & certified[idx]].tolist():
+                violations.append({"index": i, "eps": float(e), "radius": float(radius[i]), "kind": "eps"})
+        robust_acc[float(e)] = float(robust.sum()) / max(n, 1)
+
+    # Each certified sample at (just inside) its own radius: the strongest claim the bound makes.
+    own = correct & torch.isfinite(radius) & (radius > 0)
+    idx = own.nonzero().flatten()
+    if idx.numel():
+        r = radius[idx] * (1 - 1e-6)
+        broken = broken_by_attacks(x64[idx], target[idx], r)
+        for i in idx[broken].tolist():
+            violations.append({"index": i, "eps": float(radius[i]), "radius": float(radius[i]), "kind": "own-radius"})
+
+    lower = lipschitz_lower_bound(
+        m64, lobo_inputs.to(device=device, dtype=torch.float64), pairs=lobo_pairs, steps=lobo_steps, lr=lobo_lr, clamp=clamp,
+        generator=torch.Generator(device=device).manual_seed(seed),
+    ).lipschitz_lower
+    tightness = lower / bound.lipschitz if bound.lipschitz > 0 else float("inf")
+    if tightness > 1.0:
+        violations.append({"kind": "tightness", "lower": lower, "upper": bound.lipschitz})
+
+    power = model_bound(_float64_copy(model), "power")
+    sound = bound if bound.method == "sound" else model_bound(model, "sound")
+    names = [type(m).__name__ for m in model.bound.layers]
+    per_layer = [
+        {"layer": f"{i}:{name}", "power": p, "sound": s}
+        for i, (name, p, s) in enumerate(zip(names, power.per_layer, sound.per_layer))
+    ]
+    return AuditResult(
+        num_samples=n,
+        clean_accuracy=float(correct.sum()) / max(n, 1),
+        certified_accuracy=cert_acc,
+        empirical_robust_accuracy=robust_acc,
+        violations=len(violations),
+        violation_details=violations,
+        lipschitz_upper=bound.lipschitz,
+        lipschitz_lower=lower,
+        tightness=tightness,
+        per_layer=per_layer,
+        attacks=attacks,
+    )
+
+
+def _float64_copy(model: LipschitzNet) -> LipschitzNet:
+    import copy
+
+    return copy.deepcopy(model).to(torch.float64).eval()
