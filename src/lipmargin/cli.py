@@ -234,7 +234,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a swept config key and its values, e.g. --grid loss.p=0.01,0.3 (repeatable)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per cell: train.seed, train.seed+1, ...")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per cell: train.seed, train.seed+1, ... (default: the preset's sweep.seeds, else 1)")
     p.add_argument("--out", required=True, help="sweep folder (re-running continues where it stopped)")
     p.add_argument("--quiet", action="store_true")
 
@@ -244,15 +244,18 @@ def _sweep(args: argparse.Namespace) -> int:
     from lipmargin.config import config_to_dict, load_config
     from lipmargin.sweep import parse_grid, run_sweep
 
-    base = config_to_dict(load_config(args.config, preset=args.preset, overrides=args.overrides))
-    grid = parse_grid(args.grid)
+    cfg = load_config(args.config, preset=args.preset, overrides=args.overrides)
+    base = config_to_dict(cfg)
+    # --grid / --seeds given on the command line replace the preset's sweep section.
+    grid = parse_grid(args.grid or list(cfg.sweep.grid))
+    seeds = args.seeds if args.seeds is not None else cfg.sweep.seeds
     verbose = not args.quiet
 
     def progress(event: dict[str, Any]) -> None:
         if verbose and event.get("event") == "run":
             print(f"[{event['index']}/{event['total']}] {event['status']:<6} {event['run_dir']}", file=sys.stderr, flush=True)
 
-    run_sweep(base, grid, args.seeds, args.out, on_event=progress)
+    run_sweep(base, grid, seeds, args.out, on_event=progress)
     if verbose:
         print((Path(args.out) / "results.md").read_text(), end="")
         print(f"results: {Path(args.out) / 'results.json'}")

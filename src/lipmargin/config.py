@@ -26,6 +26,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "EvalConfig",
+    "SweepConfig",
     "RunConfig",
     "config_from_dict",
     "config_to_dict",
@@ -102,6 +103,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """Defaults for ``lipmargin sweep`` when a preset describes a whole experiment."""
+
+    grid: tuple[str, ...] = ()  # "key=v1,v2" entries, as for --grid
+    seeds: int = 1
+
+
+@dataclass(frozen=True)
 class RunConfig:
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
@@ -110,6 +119,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +160,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        if item is str:
+            return tuple(_coerce(v, item, key) for v in value)
         return tuple(_coerce(v if not isinstance(v, str) else yaml.safe_load(v), item, key) for v in value)
     if tp is bool:
         if isinstance(value, bool):
@@ -262,6 +274,7 @@ def validate(cfg: RunConfig) -> None:
     _require(all(math.isfinite(e) and e > 0 for e in cfg.eval.eps), f"eval.eps values must be > 0; got {list(cfg.eval.eps)}")
     _require(cfg.eval.every >= 0, f"eval.every must be >= 0; got {cfg.eval.every}")
     _require(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1; got {cfg.eval.batch_size}")
+    _require(cfg.sweep.seeds >= 1, f"sweep.seeds must be >= 1; got {cfg.sweep.seeds}")
     from lipmargin.certify import BOUND_METHODS
 
     _require(cfg.eval.bound in BOUND_METHODS, f"eval.bound must be one of {', '.join(sorted(BOUND_METHODS))}; got {cfg.eval.bound!r}")

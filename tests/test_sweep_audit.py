@@ -1,0 +1,135 @@
+"""Sweeps (resumable, mean/std tables) and the certificate audit (finds planted violations)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from lipmargin.audit import audit_model
+from lipmargin.certify import model_bound
+from lipmargin.config import ConfigError, config_to_dict, load_preset
+from lipmargin.data import load_dataset, to_float
+from lipmargin.sweep import mean_std, parse_grid, run_sweep
+from lipmargin.train import fit, load_run
+
+
+def _moons_base(epochs: int = 2) -> dict:
+    values = config_to_dict(load_preset("moons-cll"))
+    values["train"]["epochs"] = epochs
+    values["train"]["batch_size"] = 500
+    return values
+
+
+def test_parse_grid_and_errors() -> None:
+    assert parse_grid(["loss.p=0.75,0.01", "loss.eps=0.15"]) == {"loss.p": [0.75, 0.01], "loss.eps": [0.15]}
+    with pytest.raises(ConfigError, match="section.key=v1,v2"):
+        parse_grid(["loss.p"])
+    with pytest.raises(ConfigError, match="twice"):
+        parse_grid(["loss.p=0.1", "loss.p=0.2"])
+
+
+def test_mean_std_matches_hand_values() -> None:
+    s = mean_std([1.0, 2.0, 4.0])
+    assert s["mean"] == pytest.approx(7 / 3)
+    assert s["std"] == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert mean_std([3.0]) == {"mean": 3.0, "std": 0.0}
+
+
+def test_sweep_tables_resume_and_spec_guard(tmp_path) -> None:
+    out = tmp_path / "s"
+    grid = {"loss.p": [0.75, 0.01]}
+    results = run_sweep(_moons_base(), grid, 2, out)
+    assert [c["params"] for c in results["cells"]] == [{"loss.p": 0.75}, {"loss.p": 0.01}]
+    for cell in results["cells"]:
+        summaries = [json.loads((out / r / "summary.json").read_text()) for r in cell["runs"]]
+        assert cell["n"] == 2
+        assert cell["clean_accuracy"]["mean"] == pytest.approx(sum(s["clean_accuracy"] for s in summaries) / 2)
+        cfgs = [(out / r / "config.yaml").read_text() for r in cell["runs"]]
+        assert "seed: 0" in cfgs[0] and "seed: 1" in cfgs[1]
+    for name in ("results.json", "results.csv", "results.md"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "results.csv").read_text().splitlines()[0].startswith("loss.p,n,clean_mean")
+    # A second invocation finishes without retraining: summaries are untouched.
+    stamp = (out / results["cells"][0]["runs"][0] / "summary.json").stat().st_mtime_ns
+    again = run_sweep(_moons_base(), grid, 2, out)
+    assert again == results
+    assert (out / results["cells"][0]["runs"][0] / "summary.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="different sweep"):
+        run_sweep(_moons_base(), {"loss.p": [0.5]}, 1, out)
+
+
+@pytest.fixture(scope="module")
+def moons_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit") / "run"
+    cfg = load_preset("moons-cll")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=15, batch_size=200))
+    fit(cfg, out)
+    return out
+
+
+def _audit_inputs(n: int = 200):
+    test = load_dataset("moons", None, "test")
+    train = load_dataset("moons", None, "train")
+    return to_float(test.inputs[:n]), test.labels[:n], to_float(train.inputs[:200])
+
+
+def test_audit_of_sound_certificates_finds_no_violation(moons_run) -> None:
+    _, model, _ = load_run(moons_run)
+    x, y, lobo = _audit_inputs()
+    res = audit_model(model, x, y, [0.05, 0.15], lobo_inputs=lobo, pgd_steps=20, pgd_restarts=2,
+                      lobo_pairs=50, lobo_steps=50, lobo_lr=1e-2, clamp=None)
+    assert res.violations == 0
+    assert 0 < res.tightness <= 1
+    for e in (0.05, 0.15):
+        assert res.empirical_robust_accuracy[e] >= res.certified_accuracy[e]
+    assert res.certified_accuracy[0.15] <= res.certified_accuracy[0.05] <= res.clean_accuracy
+    assert all(layer["sound"] >= layer["power"] * (1 - 1e-9) for layer in res.per_layer)
+
+
+def test_audit_finds_a_planted_violation(moons_run) -> None:
+    """A bound deliberately halved certifies radii twice too large: the audit must catch it."""
+    _, model, _ = load_run(moons_run)
+    x, y, lobo = _audit_inputs()
+    honest = model_bound(model, "sound")
+    halved = dataclasses.replace(honest, pairwise=honest.pairwise / 2, lipschitz=honest.lipschitz / 2,
+                                 feature=honest.feature / 2)
+    res = audit_model(model, x, y, [0.15], lobo_inputs=lobo, bound=halved, pgd_steps=30, pgd_restarts=3,
+                      lobo_pairs=100, lobo_steps=100, lobo_lr=1e-2, clamp=None)
+    assert res.violations > 0
+    kinds = {v["kind"] for v in res.violation_details}
+    assert "own-radius" in kinds
+
+
+def test_cli_audit_json_and_exit_code(moons_run, capsys) -> None:
+    from lipmargin.cli import main
+
+    rc = main(["audit", str(moons_run), "--eps", "0.15", "--n", "100", "--json", "--pgd-steps", "10",
+               "--pgd-restarts", "1", "--lobo-pairs", "20", "--lobo-steps", "20"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(out) == 1
+    payload = json.loads(out[0])
+    for key in ("certified_accuracy", "empirical_robust_accuracy", "violations", "lipschitz_upper",
+                "lipschitz_lower", "tightness", "per_layer"):
+        assert key in payload
+    assert payload["violations"] == 0 and payload["tightness"] <= 1
+    assert list(payload["certified_accuracy"]) == ["0.15"]
+
+
+def test_sound_bound_close_to_power_on_trained_conv_net(tmp_path) -> None:
+    """Issue 4: per-layer sound bounds of a trained 4C3F within 5 % of the converged power iteration."""
+    cfg = load_preset("digits-cll")
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, name="4C3F", width=8),
+        train=dataclasses.replace(cfg.train, epochs=2, batch_size=256),
+    )
+    fit(cfg, tmp_path / "r")
+    _, model, _ = load_run(tmp_path / "r")
+    power = model_bound(model, "power")
+    sound = model_bound(model, "sound")
+    for p, s in zip(power.per_layer, sound.per_layer):
+        assert p * (1 - 1e-7) <= s <= p * 1.05
+    assert torch.all(sound.pairwise >= power.pairwise * (1 - 1e-7))
