@@ -432,7 +432,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from lipmargin.data import DatasetError
     from lipmargin.train import TrainingError
 
-    return (ConfigError, DatasetError, CheckpointError, TrainingError)
+    # ValueError: any other invalid argument met deeper in the library (its messages name the
+    # argument); OSError: a folder that cannot be written, a full disk.
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, ValueError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -157,6 +157,8 @@ def build_model(cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int) -> 
         return create_model(cfg.model.name, in_shape, num_classes, **options)
     except TypeError as e:
         raise TrainingError(f"model {cfg.model.name!r} does not take the options {sorted(options)}: {e}") from None
+    except ValueError as e:
+        raise TrainingError(f"model.name={cfg.model.name}: {e}") from None
 
 
 def eval_batches(ds: ArrayDataset, batch_size: int, device: torch.device) -> DeviceLoader:
@@ -264,7 +266,7 @@ def write_certificates(path: Path, result: CertifyResult) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _rewrite_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+def _rewrite_metrics(path: Path, upto_epoch: int) -> None:
     """Keep the metrics lines of epochs <= ``upto_epoch`` (those a resumed run will not redo)."""
     kept: list[dict[str, Any]] = []
     if path.exists():
@@ -276,7 +278,35 @@ def _rewrite_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
             if isinstance(rec, dict) and int(rec.get("epoch", 0)) <= upto_epoch:
                 kept.append(rec)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept
+
+
+class _TensorBoard:
+    """Scalars to TensorBoard event files when the ``[tensorboard]`` extra is installed; else nothing."""
+
+    def __init__(self, log_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the extra is optional: metrics.jsonl is always written
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        step = int(record["epoch"])
+        for key in ("train_loss", "train_accuracy", "lr", "clean_accuracy", "lipschitz"):
+            if key in record:
+                self.writer.add_scalar(key, float(record[key]), step)
+        for eps, acc in record.get("certified_accuracy", {}).items():
+            self.writer.add_scalar(f"certified_accuracy/{eps}", acc, step)
+        for i, k in enumerate(record.get("lipschitz_per_layer", [])):
+            self.writer.add_scalar(f"lipschitz_layer/{i}", k, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
@@ -310,15 +340,14 @@ def fit(
             raise TrainingError(f"--resume: no intact checkpoint under {ckpt_dir}")
         cfg = config_from_dict(checkpoint.meta["config"])
         start_epoch = checkpoint.epoch
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
+    # Everything that can fail on bad input happens before the run folder is created.
     device = resolve_device(cfg.train.device)
     data = load_run_data(cfg)
     model = build_model(cfg, data.train.in_shape, data.train.num_classes).to(device)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.milestones), cfg.optim.gamma)
-    history: list[dict[str, Any]] = []
     train_seconds = 0.0
     if checkpoint is not None:
         try:
@@ -329,7 +358,7 @@ def fit(
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"checkpoint {checkpoint.path} does not match the configured model: {str(e).splitlines()[0]}") from None
         train_seconds = float(checkpoint.meta.get("train_seconds", 0.0))
-        history = _rewrite_metrics(out / "metrics.jsonl", start_epoch)
+        _rewrite_metrics(out / "metrics.jsonl", start_epoch)
     elif (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
 
@@ -344,6 +373,7 @@ def fit(
     )
     emit({"event": "start", "epochs": cfg.train.epochs, "start_epoch": start_epoch, "device": str(device)})
     last_eval: CertifyResult | None = None
+    board = _TensorBoard(out / "tensorboard")
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         loader.set_epoch(epoch)
         stats = train_one_epoch(model, loader, optimizer, train_loss, cfg, epoch, len(loader))
@@ -363,8 +393,8 @@ def fit(
             last_eval = evaluate(model, data.eval, cfg.eval.eps, method=cfg.eval.bound, batch_size=cfg.eval.batch_size)
             record.update(metrics_record(last_eval))
             record["eval_split"] = data.eval_split
-        history.append(record)
         _append_line(out / "metrics.jsonl", record)
+        board.log(record)
         if is_last or epoch % cfg.train.checkpoint_every == 0:
             save_checkpoint(
                 ckpt_dir,
@@ -381,6 +411,7 @@ def fit(
             )
         emit({"event": "epoch", **record})
 
+    board.close()
     if last_eval is None:  # resumed a run that had already finished
         last_eval = evaluate(model, data.eval, cfg.eval.eps, method=cfg.eval.bound, batch_size=cfg.eval.batch_size)
     summary = {
