@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence, Tuple, Union
+from typing import Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +59,16 @@ _REL_MARGIN: float = 1e-9
 # is several orders of magnitude more than what actually happens.
 _LAPACK_FACTOR: float = 16.0
 
-# method="auto" uses the exact dense SVD when the per-group dense operator has
-# at most this many entries (about a 1500 x 1500 matrix: ~0.3 s on one CPU
-# core) and the FFT bound otherwise.
-_DENSE_AUTO_MAX_ENTRIES: int = 1536 * 1536
+# method="auto" uses the (essentially exact) dense SVD when its estimated work
+# (multiply-adds, see _dense_cost) is below this budget, about 0.5 s on one
+# CPU core; otherwise it computes the FFT bound plus the fold variants whose
+# estimated work (_fft_cost) is below it, and returns the smallest.
+_AUTO_WORK_BUDGET: float = 2.0e9
+
+# 'auto' only tries folding an axis whose output size is at most this: the
+# circular bound is already within ~1-2% for longer axes, so the (much more
+# expensive) fold would buy almost nothing there.
+_FOLD_MAX_OUT: int = 8
 
 # Upper limit (bytes) on the complex work arrays of the FFT bound; frequencies
 # are processed in chunks so huge layers do not exhaust memory.
@@ -261,6 +267,10 @@ def linear_norm_bound(weight: torch.Tensor) -> float:
     w = _check_weight(weight, 2)
     sigma = float(torch.linalg.svdvals(w)[0])
     frob = float(torch.linalg.vector_norm(w))
+    if not (math.isfinite(sigma) and math.isfinite(frob)):
+        # Only reachable through float64 overflow (entries ~1e154); NaN would
+        # compare False against everything, so return the safe value.
+        return math.inf
     return _lapack_margin(sigma, frob, (w.shape[0], w.shape[1]))
 
 
@@ -422,14 +432,15 @@ def _polyphase_kernel(w: torch.Tensor, spec: _ConvSpec, plans: Tuple[_AxisPlan, 
     return wd
 
 
-def _phases(q: int, n: int, half: bool, device: torch.device) -> torch.Tensor:
-    """``exp(-2 pi i q w / n)`` for taps ``q < q`` and frequencies ``w``.
+def _phases(taps: int, n: int, half: bool, device: torch.device) -> torch.Tensor:
+    """``exp(-2 pi i q w / n)`` for taps ``q < taps`` and frequencies ``w``
+    (``w < n``, or ``w <= n // 2`` if ``half``).
 
     ``(q * w) mod n`` is reduced in exact integer arithmetic first, so the
     angle is accurate to a few ulps of 2*pi whatever the size.
     """
     nf = n // 2 + 1 if half else n
-    qq = torch.arange(q, dtype=torch.int64, device=device)[:, None]
+    qq = torch.arange(taps, dtype=torch.int64, device=device)[:, None]
     ww = torch.arange(nf, dtype=torch.int64, device=device)[None, :]
     ang = (qq * ww % n).to(torch.float64) * (-2.0 * math.pi / n)
     return torch.polar(torch.ones_like(ang), ang)
@@ -446,23 +457,37 @@ def _fft_bound_for_period(k: torch.Tensor, n_h: int, n_w: int) -> float:
     so half of the frequencies suffice.
     """
     g, o, c, qh, qw = k.shape
-    eh = _phases(qh, n_h, False, k.device)  # (qh, n_h)
-    ew = _phases(qw, n_w, True, k.device)  # (qw, n_w//2+1)
-    nfw = ew.shape[1]
+    amax = float(k.abs().max())
+    if amax == 0.0:
+        return 0.0
+    # Scale by a power of two (exact) so that the Gram matrices can neither
+    # overflow nor underflow (a flushed-to-zero Gram would give a bound that
+    # is too small); the scale is multiplied back, exactly, at the end.
+    exponent = math.frexp(amax)[1]
+    k = k * math.ldexp(1.0, -exponent)
+    # Halve the longer axis (w and -w have conjugate symbols).
+    half_h = n_h > n_w
+    eh = _phases(qh, n_h, half_h, k.device)  # (qh, n_h or n_h//2+1)
+    ew = _phases(qw, n_w, not half_h, k.device)
+    nfh, nfw = eh.shape[1], ew.shape[1]
     kc = k.to(torch.complex128)
     m = min(o, c)
     # Chunk over rows of frequencies to bound memory (K_hat and its Gram).
     per_row = g * nfw * (o * c + m * m) * 16
-    rows = max(1, min(n_h, _FFT_CHUNK_BYTES // max(per_row, 1)))
+    rows = max(1, min(nfh, _FFT_CHUNK_BYTES // max(per_row, 1)))
     lam_max = 0.0
-    for start in range(0, n_h, rows):
+    for start in range(0, nfh, rows):
         e = eh[:, start : start + rows]
         khat = torch.einsum("gocab,ax,by->gxyoc", kc, e, ew)
         khat = khat.reshape(g, -1, o, c)
         # sigma_max(K)^2 = lambda_max of the smaller Gram matrix.
         gram = khat @ khat.mH if o <= c else khat.mH @ khat
-        lam = torch.linalg.eigvalsh(gram)[..., -1]
-        lam_max = max(lam_max, float(lam.max()))
+        lam = float(torch.linalg.eigvalsh(gram)[..., -1].max())
+        if not math.isfinite(lam):
+            # Overflow (weights ~1e150): max() would silently skip a NaN, so
+            # return the only safe answer.
+            return math.inf
+        lam_max = max(lam_max, lam)
     # --- rounding margin, everything expressed through
     # F = sum_taps ||K[:, :, a, b]||_F >= ||K_hat(w)||_F for every w and
     # >= the Frobenius norm of the entrywise sum_taps |K|.
@@ -479,7 +504,7 @@ def _fft_bound_for_period(k: torch.Tensor, n_h: int, n_w: int) -> float:
     #     (LAPACK: p(m) eps ||G||, p taken as 16 m); both <= const * eps * F^2.
     e_gram = (8.0 * (max(o, c) + 2) + _LAPACK_FACTOR * m + 8.0) * _EPS * frob * frob
     sigma = math.sqrt(max(lam_max, 0.0) + e_gram) + e_dft
-    return sigma * (1.0 + _REL_MARGIN)
+    return math.ldexp(sigma * (1.0 + _REL_MARGIN), exponent)
 
 
 def _plans(spec: _ConvSpec) -> Tuple[_AxisPlan, _AxisPlan]:
@@ -542,7 +567,7 @@ def _transpose_spec(w: torch.Tensor, spec: _ConvSpec) -> Tuple[torch.Tensor, _Co
     )
 
 
-def _fold_w(w: torch.Tensor, spec: _ConvSpec) -> Tuple[torch.Tensor, _ConvSpec] | None:
+def _fold_w(w: torch.Tensor, spec: _ConvSpec) -> Optional[Tuple[torch.Tensor, _ConvSpec]]:
     """Rewrite the conv exactly as a conv along H only, W folded into channels.
 
     Output column ``j`` reads input column ``u = s*j + d*b - p_lo`` through
@@ -567,12 +592,16 @@ def _fold_w(w: torch.Tensor, spec: _ConvSpec) -> Tuple[torch.Tensor, _ConvSpec] 
         return None
     folded = torch.einsum("ocab,jub->ojcua", w, sel[:, read, :])
     folded = folded.reshape(o * n_out, cg * n_read, kh, 1)
-    g = spec.groups
-    return folded, _ConvSpec(
-        c_out=o * n_out,
-        c_in=g * cg * n_read,
-        groups=g,
-        kernel=(kh, 1),
+    return folded, _folded_spec(spec, n_read)
+
+
+def _folded_spec(spec: _ConvSpec, n_read: int) -> _ConvSpec:
+    """Geometry of ``_fold_w``'s rewrite when ``n_read`` columns are read."""
+    return _ConvSpec(
+        c_out=spec.c_out * spec.out[1],
+        c_in=spec.c_in * n_read,
+        groups=spec.groups,
+        kernel=(spec.kernel[0], 1),
         size=(spec.size[0], 1),
         stride=(spec.stride[0], 1),
         dilation=(spec.dilation[0], 1),
@@ -581,7 +610,7 @@ def _fold_w(w: torch.Tensor, spec: _ConvSpec) -> Tuple[torch.Tensor, _ConvSpec] 
     )
 
 
-def _folded(w: torch.Tensor, spec: _ConvSpec, axis: int) -> Tuple[torch.Tensor, _ConvSpec] | None:
+def _folded(w: torch.Tensor, spec: _ConvSpec, axis: int) -> Optional[Tuple[torch.Tensor, _ConvSpec]]:
     """Fold spatial ``axis`` (0 = H, 1 = W) into the channels (exact)."""
     if axis == 0:
         w, spec = _transpose_spec(w, spec)
@@ -606,11 +635,17 @@ def _dense_bound(w: torch.Tensor, spec: _ConvSpec) -> float:
     rows = og * spec.out[0] * spec.out[1]
     cols = (spec.c_in // g) * spec.size[0] * spec.size[1]
     best = 0.0
+    # The exactness argument of _dense_from_spec is for CPU conv2d (im2col +
+    # GEMM); GPU libraries may pick other algorithms, and these matrices are
+    # small anyway.
+    w = w.cpu()
     # Block-diagonal over groups: the norm is the max over the blocks.
     for gi in range(g):
         mat = _dense_from_spec(w[gi * og : (gi + 1) * og], sub)
         sigma = float(torch.linalg.svdvals(mat)[0])
         frob = float(torch.linalg.vector_norm(mat))
+        if not (math.isfinite(sigma) and math.isfinite(frob)):
+            return math.inf  # overflow: see _fft_bound_for_period
         best = max(best, _lapack_margin(sigma, frob, (rows, cols)))
     return best
 
@@ -619,8 +654,9 @@ def _dense_cost(spec: _ConvSpec) -> float:
     g = spec.groups
     rows = (spec.c_out // g) * spec.out[0] * spec.out[1]
     cols = (spec.c_in // g) * spec.size[0] * spec.size[1]
-    # Real SVD: about a quarter of the work of a complex Gram of the same size.
-    return g * float(min(rows, cols)) ** 2 * max(rows, cols) / 4.0
+    # Measured: a real SVD costs about as much per m^2 n as the complex
+    # Gram + eigvalsh of the FFT path.
+    return g * float(min(rows, cols)) ** 2 * max(rows, cols)
 
 
 def conv2d_norm_bound(
@@ -632,7 +668,7 @@ def conv2d_norm_bound(
     dilation: IntPair = 1,
     groups: int = 1,
     padding_mode: str = "zeros",
-    method: Literal["auto", "fft", "dense"] = "auto",
+    method: Literal["auto", "dense", "fft", "fft_fold_h", "fft_fold_w"] = "auto",
     extra_periods: int = 0,
 ) -> float:
     """Guaranteed upper bound on the L2 operator norm of a zero-padded conv2d.
@@ -643,30 +679,37 @@ def conv2d_norm_bound(
     ``padding`` may be an int, a pair, ``'valid'`` or ``'same'`` (stride 1,
     torch's convention).  Only ``padding_mode='zeros'`` is supported.
 
-    ``method``:
+    ``method`` (every choice returns a valid upper bound):
       * ``'dense'``: exact largest singular value of :func:`dense_conv_matrix`
         (per group) plus the LAPACK margin of :func:`linear_norm_bound`.
+        Memory and time grow like the dense matrix: tiny layers only.
       * ``'fft'``: the circular-embedding bound below; scales to real layers.
-      * ``'auto'`` (default): ``'dense'`` when the per-group dense matrix has
-        at most ~2.4M entries, else ``'fft'``.
-    ``extra_periods``: for ``'fft'``, also try the periods ``N + 1 ..
-    N + extra_periods`` on each axis and keep the smallest (each one is a
-    valid bound); costs ``(extra_periods + 1)**2`` times more.
+      * ``'fft_fold_h'`` / ``'fft_fold_w'``: first fold that spatial axis
+        into the channels (an exact rewrite, see ``_fold_w``), then the FFT
+        bound along the other axis.  Tighter when that axis is small.
+      * ``'auto'`` (default): ``'dense'`` if its estimated cost is below
+        ``_AUTO_WORK_BUDGET`` (about 1000 x 1000 per group); otherwise the
+        FFT bound and each fold variant under that budget (only for axes
+        with at most ``_FOLD_MAX_OUT`` outputs), returning the minimum (a minimum of valid upper bounds is a valid upper bound).
+
+    Returns ``inf`` only if float64 overflows (weights around 1e150).
+    ``extra_periods``: for the FFT variants, also try the periods ``N + 1 ..
+    N + extra_periods`` on each axis and keep the smallest (each is a valid
+    bound); costs ``(extra_periods + 1)**2`` times more.
 
     Why the FFT bound is an upper bound (each step exact or norm-nonincreasing):
 
     1. Groups: the operator is block diagonal over groups (disjoint input and
        output channels), so its norm is the max over groups.  Exact; the
-       groups are simply stacked as a batch.
+       groups are stacked as a batch.
     2. Dilation: a dilated kernel is the ordinary kernel with zeros inserted.
        Exact.
     3. Stride ``s`` (polyphase): with the zero-padded input ``xp`` and taps
        ``a = s*q + r``, output ``i`` equals ``sum_{r,q} K_r[q] P_r[i+q]``
-       where ``P_r[m] = xp[s*m + r]``; i.e. a stride-1 correlation of the
+       where ``P_r[m] = xp[s*m + r]``: a stride-1 correlation of the
        ``s_h*s_w`` phase images (as extra input channels) with sub-kernels of
        ``ceil(k_eff/s)`` taps.  ``x -> (P_r)`` is an isometric embedding
-       (padding entries are zeros) followed by a permutation.  Exact up to
-       that embedding.
+       (padding entries are zeros) followed by a permutation.
     4. Dead taps / unread pixels: a tap that, for every kept output, only
        meets padding is removed; pixels no kept output reads are dropped
        (zero columns).  Both leave the true operator unchanged.
@@ -676,48 +719,51 @@ def conv2d_norm_bound(
        index read by a kept output wraps onto a real pixel; then the true
        operator equals ``S C E`` with ``E`` an isometric embedding and ``S`` a
        coordinate selection, so ``||true|| <= ||C||``.
-    6. ``||C||`` is exactly ``max_w ||K_hat(w)||_2`` (DFT block
-       diagonalisation), computed in float64 as the top eigenvalue of the
-       smaller Gram matrix per frequency.
+    6. ``||C||`` is exactly ``max_w ||K_hat(w)||_2`` (the 2-D DFT block
+       diagonalises circular multi-channel convolutions), computed in
+       float64 as the top eigenvalue of the smaller Gram matrix per frequency.
     7. Rounding: explicit, generous bounds on the DFT, Gram and eigensolver
-       errors are added (see ``_fft_bound_for_period``), then a relative
+       errors are added (``_fft_bound_for_period``), then a relative
        ``1e-9``.  Their total is ~1e-9 relative for real layers.
 
     The circular bound is exact for the circular operator and usually within
-    a few percent of the zero-padded norm for inputs several times larger
-    than the kernel; it is looser for inputs comparable to the kernel, which
-    is why ``'auto'`` uses the exact dense SVD for small operators.
+    a few percent of the zero-padded norm when the output is several times
+    larger than the kernel; it is looser when they are comparable, which is
+    what the fold and dense variants used by ``'auto'`` fix for small layers.
     """
     w = _check_weight(weight, 4)
     spec = _conv_spec(w, input_shape, stride, padding, dilation, groups, padding_mode)
-    if method not in ("auto", "fft", "dense"):
-        raise ValueError(f"method must be 'auto', 'fft' or 'dense', got {method!r}")
+    if method not in ("auto", "dense", "fft", "fft_fold_h", "fft_fold_w"):
+        raise ValueError(
+            "method must be one of 'auto', 'dense', 'fft', 'fft_fold_h', "
+            f"'fft_fold_w', got {method!r}"
+        )
     if not _is_int(extra_periods) or extra_periods < 0:
         raise ValueError(f"extra_periods must be an int >= 0, got {extra_periods!r}")
-    rows = (spec.c_out // spec.groups) * spec.out[0] * spec.out[1]
-    cols = (spec.c_in // spec.groups) * spec.size[0] * spec.size[1]
-    if method == "auto":
-        method = "dense" if rows * cols <= _DENSE_AUTO_MAX_ENTRIES else "fft"
-    if method == "fft":
-        return _fft_bound(w, spec, extra_periods)
-    # Dense: one group at a time (block-diagonal structure, step 1 above).
-    g = spec.groups
-    sub = _ConvSpec(
-        c_out=spec.c_out // g,
-        c_in=spec.c_in // g,
-        groups=1,
-        kernel=spec.kernel,
-        size=spec.size,
-        stride=spec.stride,
-        dilation=spec.dilation,
-        pad=spec.pad,
-        out=spec.out,
-    )
-    best = 0.0
-    og = spec.c_out // g
-    for gi in range(g):
-        mat = _dense_from_spec(w[gi * og : (gi + 1) * og], sub)
-        sigma = float(torch.linalg.svdvals(mat)[0])
-        frob = float(torch.linalg.vector_norm(mat))
-        best = max(best, _lapack_margin(sigma, frob, (rows, cols)))
-    return best
+    with torch.no_grad():
+        if method == "dense":
+            return _dense_bound(w, spec)
+        if method == "fft":
+            return _fft_bound(w, spec, extra_periods)
+        if method in ("fft_fold_h", "fft_fold_w"):
+            folded = _folded(w, spec, 0 if method == "fft_fold_h" else 1)
+            return 0.0 if folded is None else _fft_bound(*folded, extra_periods)
+        # auto
+        if _dense_cost(spec) <= _AUTO_WORK_BUDGET:
+            # Exact up to the ~1e-10 margin: nothing else can beat it.
+            return _dense_bound(w, spec)
+        best = _fft_bound(w, spec, extra_periods)
+        for axis in (0, 1):
+            if spec.out[axis] > _FOLD_MAX_OUT:
+                continue
+            # Folding an axis makes the per-frequency matrices about
+            # (output size) x (input size) along it larger: estimate first.
+            sw, ss = _transpose_spec(w, spec) if axis == 0 else (w, spec)
+            fs = _folded_spec(ss, ss.size[1])
+            fold_cost = _fft_cost(fs, _plans(fs)) * (extra_periods + 1) ** 2
+            if fold_cost <= _AUTO_WORK_BUDGET:
+                folded = _fold_w(sw, ss)
+                if folded is None:
+                    return 0.0
+                best = min(best, _fft_bound(*folded, extra_periods))
+        return best

@@ -143,6 +143,8 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write checkpoint ``epoch`` into ``folder`` and prune all but the newest ``keep``."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (the checkpoint just written is always kept); got {keep}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}

@@ -125,14 +125,17 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, preset=args.preset, overrides=args.overrides)
         name = args.preset or (Path(args.config).stem if args.config else DEFAULT_PRESET)
         out = Path(args.out) if args.out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    bar = ProgressBar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
+    from lipmargin.train import dist_info_from_env
+
+    is_main = dist_info_from_env().is_main  # under torchrun only rank 0 talks
+    bar = ProgressBar(sys.stderr, enabled=is_main and not args.quiet and sys.stderr.isatty())
     if cfg is None:
         from lipmargin.config import RunConfig
 
         summary = fit(RunConfig(), out, resume=True, on_event=bar)
     else:
         summary = fit(cfg, out, on_event=bar)
-    if not args.quiet:
+    if is_main and not args.quiet:
         print(_format_table(summary, out))
     return 0
 

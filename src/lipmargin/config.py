@@ -89,7 +89,10 @@ class TrainConfig:
     batch_size: int = 128
     seed: int = 0
     power_iters: int = 5  # power-iteration steps per training step
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    precision: str = "fp32"  # fp32 | bf16 (autocast for forward/backward; bounds stay fp32/fp64)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model's forward
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
 
@@ -99,7 +102,7 @@ class EvalConfig:
     eps: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255)
     every: int = 0  # evaluate every N epochs (0: only after the last epoch)
     batch_size: int = 1000
-    bound: str = "power"  # bound used for the per-epoch metrics (certify uses sound by default)
+    bound: str = "sound"  # sound (guaranteed) or power (the paper's converged power iteration)
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,7 @@ def validate(cfg: RunConfig) -> None:
         dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
         f"train.device must be auto, cpu, cuda or cuda:N; got {dev!r}",
     )
+    _require(cfg.train.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16; got {cfg.train.precision!r}")
     _require(len(cfg.eval.eps) >= 1, "eval.eps must list at least one radius")
     _require(all(math.isfinite(e) and e > 0 for e in cfg.eval.eps), f"eval.eps values must be > 0; got {list(cfg.eval.eps)}")
     _require(cfg.eval.every >= 0, f"eval.every must be >= 0; got {cfg.eval.every}")

@@ -46,25 +46,26 @@ Operator = Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class LayerRule:
-    """How the Lipschitz constant of one kind of layer is estimated and bounded.
+    """How the Lipschitz constant of one kind of layer is estimated (for training) and bounded.
 
-    Exactly one of ``operator`` or ``constant`` is set:
+    Training uses the first that is set of ``operator`` (power iteration), ``estimate``,
+    ``constant``; certification uses ``bound`` if set, else ``constant``:
 
     - ``operator(module, in_shape) -> (A, A_T)``: the layer is affine; ``A`` is its linear part
       (no bias) acting on a batch of inputs shaped ``(B, *in_shape)`` and ``A_T`` its adjoint.  Its
-      norm is estimated by power iteration and bounded by ``bound``.
-    - ``constant(module) -> float``: a proven Lipschitz constant that holds for every input
-      (activations, reshapes, fixed normalisation).  It is its own sound bound.
-    - ``bound(module, in_shape) -> float``: a value provably >= the operator norm, for operator
-      layers (see :mod:`lipmargin.bounds`).
-    - ``estimate(module) -> Tensor``: for layers whose constant is a differentiable function of
-      their parameters (e.g. 1-Lipschitz layer families); may carry gradients.
+      norm is estimated by power iteration with a persistent vector.
+    - ``estimate(module) -> Tensor``: a scalar, possibly differentiable in the parameters (e.g. 1
+      for a layer that is 1-Lipschitz by construction, or a layer's own norm estimate).
+    - ``constant(module) -> float``: a proven constant that holds for every input (activations,
+      reshapes, fixed normalisation); it is its own sound bound.
+    - ``bound(module, in_shape) -> float``: provably >= the layer's Lipschitz constant on inputs
+      of ``in_shape`` (see :mod:`lipmargin.bounds`).  Required unless ``constant`` is set.
     """
 
     operator: Callable[[nn.Module, tuple[int, ...]], tuple[Operator, Operator]] | None = None
+    estimate: Callable[[nn.Module], Tensor] | None = None
     constant: Callable[[nn.Module], float] | None = None
     bound: Callable[[nn.Module, tuple[int, ...]], float] | None = None
-    estimate: Callable[[nn.Module], Tensor] | None = None
 
 
 #: Registry of layer rules, filled by :func:`register_layer_rule`.  Look-ups walk the MRO, so a
@@ -80,8 +81,10 @@ def register_layer_rule(*types: type, **rule_fields: Callable) -> LayerRule:
     if not types:
         raise ValueError("register_layer_rule needs at least one layer type")
     rule = LayerRule(**rule_fields)
-    if (rule.operator is None) == (rule.constant is None) and rule.estimate is None:
-        raise ValueError("a layer rule needs exactly one of 'operator' or 'constant' (or an 'estimate')")
+    if rule.operator is None and rule.estimate is None and rule.constant is None:
+        raise ValueError("a layer rule needs one of 'operator', 'estimate' or 'constant' for training")
+    if rule.constant is None and rule.bound is None:
+        raise ValueError("a layer rule needs a sound 'bound' unless it has a proven 'constant'")
     for t in types:
         LAYER_RULES[t] = rule
     return rule
@@ -177,7 +180,10 @@ def _normalize(v: Tensor) -> Tensor:
 def power_iteration(forward: Operator, adjoint: Operator, v: Tensor, n_iter: int) -> Tensor:
     """``n_iter`` steps of ``v <- A^T A v / ||A^T A v||``; returns the new unit vector."""
     for _ in range(n_iter):
-        v = _normalize(adjoint(forward(v)))
+        u = adjoint(forward(v))
+        # v in the null space (e.g. a dead, all-zero layer): keep v instead of a zero vector, whose
+        # estimate ||A 0|| / ||0|| would be NaN.  torch.where, not `if`, so the GPU never syncs.
+        v = torch.where(u.norm() > 0, _normalize(u), v)
     return v
 
 
@@ -258,11 +264,10 @@ def operator_norm_bound(layer: nn.Module, input_shape: Sequence[int]) -> float:
     registered rule.
     """
     rule = layer_rule(layer)
-    if rule.constant is not None:
-        return float(rule.constant(layer))
-    if rule.bound is None:
-        raise TypeError(f"layer {type(layer).__name__} has no sound bound registered")
-    return float(rule.bound(layer, tuple(input_shape)))
+    if rule.bound is not None:
+        return float(rule.bound(layer, tuple(input_shape)))
+    assert rule.constant is not None  # enforced by register_layer_rule
+    return float(rule.constant(layer))
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,13 +279,13 @@ def pairwise_head_norms(weight: Tensor) -> Tensor:
     """``D[i, j] = ||W_i - W_j||_2`` for a head weight ``(C, d)``; differentiable, ``(C, C)``.
 
     Written as explicit differences (not ``cdist``'s Gram trick) so that ``D[i, i]`` is exactly 0
-    and small distances keep their precision.  The gradient at ``i == j`` is defined as 0.
+    and small distances keep their precision.  Where a distance is 0 (the diagonal, or two equal
+    rows) its gradient is defined as 0 instead of sqrt's infinite slope.
     """
     diff = weight.unsqueeze(1) - weight.unsqueeze(0)  # (C, C, d)
     sq = diff.pow(2).sum(-1)  # (C, C)
-    eye = torch.eye(weight.shape[0], dtype=torch.bool, device=weight.device)
-    # sqrt has an infinite derivative at 0: take it on a safe value and zero the diagonal after.
-    return torch.where(eye, torch.zeros_like(sq), torch.where(eye, torch.ones_like(sq), sq).sqrt())
+    positive = sq > 0
+    return torch.where(positive, torch.where(positive, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
 
 
 def pairwise_head_norms_bound(weight: Tensor) -> Tensor:

@@ -6,7 +6,10 @@ The library does not print: progress is reported through the optional ``on_event
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
-from torch import Tensor
+from torch import Tensor, nn
 
 from lipmargin.certify import CertifyResult, certify, model_bound
 from lipmargin.checkpoint import (
@@ -166,6 +169,78 @@ def eval_batches(ds: ArrayDataset, batch_size: int, device: torch.device) -> Dev
 
 
 # --------------------------------------------------------------------------------------------
+# Distributed training (torchrun) and the per-step forward
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info_from_env() -> DistInfo:
+    """Rank and world size as set by torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise TrainingError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them)") from None
+    return DistInfo(rank, world, local)
+
+
+@contextlib.contextmanager
+def _process_group(info: DistInfo, device: torch.device):
+    """Join the process group for the duration of a run (NCCL on GPUs, gloo on CPU)."""
+    import torch.distributed as dist
+
+    if info.world_size == 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _all_reduce_sum(t: Tensor, info: DistInfo) -> Tensor:
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+class TrainStep(nn.Module):
+    """``x -> (logits, K)``: the model's forward and the power-iteration bound in one module.
+
+    Both run inside one ``forward`` so that DistributedDataParallel sees every parameter the loss
+    touches.  The logits may run under bf16 autocast; the bound never does.
+    """
+
+    def __init__(self, model: LipschitzNet, power_iters: int, precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.power_iters = power_iters
+        self.precision = precision
+        self.forward_fn: Callable[[Tensor], Tensor] = torch.compile(model) if compile else model  # type: ignore[assignment]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        device_type = x.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = self.forward_fn(x)
+        k, _ = self.model.feature_lipschitz(self.power_iters)
+        return logits.float(), k
+
+
+# --------------------------------------------------------------------------------------------
 # One epoch, evaluation
 # --------------------------------------------------------------------------------------------
 
@@ -186,8 +261,21 @@ def train_one_epoch(
     cfg: RunConfig,
     epoch: int,
     steps_per_epoch: int,
+    *,
+    step_module: nn.Module | None = None,
+    dist: DistInfo = DistInfo(),
 ) -> EpochStats:
-    """One pass over ``loader``; ``epoch`` counts from 1.  Raises TrainingError on a non-finite loss."""
+    """One pass over ``loader``; ``epoch`` counts from 1.  Raises TrainingError on a non-finite loss.
+
+    ``step_module`` maps a batch to ``(logits, K)`` (a :class:`TrainStep`, possibly wrapped in
+    DistributedDataParallel); by default a plain TrainStep of ``model``.  Loss and accuracy are
+    summed over all ranks.
+    """
+    step_fn = step_module if step_module is not None else TrainStep(model, cfg.train.power_iters)
+    batch_size = cfg.train.batch_size
+    n_total = len(loader.dataset) if isinstance(loader, DeviceLoader) else 0
+    if dist.world_size > 1 and not isinstance(loader, DeviceLoader):
+        raise TrainingError("distributed training needs a DeviceLoader (it knows the global batch sizes)")
     model.train()
     device = next(model.parameters()).device
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -200,9 +288,16 @@ def train_one_epoch(
     start = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         progress = (epoch - 1 + step / max(steps_per_epoch, 1)) / cfg.train.epochs
-        logits = model(x)
-        k, _ = model.feature_lipschitz(cfg.train.power_iters)
-        loss = train_loss(logits, y, model, k, progress)
+        logits, k = step_fn(x)
+        if dist.world_size > 1:
+            # DDP averages gradients over ranks; weight each rank's mean by its share of the global
+            # batch so that the average is the global-batch mean even when the last batch splits
+            # unevenly (or leaves a rank empty).
+            global_b = min(batch_size, n_total - step * batch_size)
+            share = y.shape[0] * dist.world_size / global_b
+            loss = train_loss(logits, y, model, k, progress) * share if y.shape[0] else logits.sum() * 0.0
+        else:
+            loss = train_loss(logits, y, model, k, progress)
         if cfg.loss.lipschitz_penalty > 0:
             k_tot = k * pairwise_head_norms(model.head.weight).max()
             loss = loss + lipschitz_penalty(k_tot, cfg.loss.lipschitz_penalty, cfg.loss.penalty_power)
@@ -214,6 +309,13 @@ def train_one_epoch(
         total_loss += loss.detach().double() * y.shape[0]
         correct += (logits.detach().argmax(1) == y).sum()
         seen += y.shape[0]
+    if dist.world_size > 1:
+        totals = torch.stack([total_loss, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64),
+                              (first_bad >= 0).double()])
+        _all_reduce_sum(totals, dist)
+        total_loss, correct, seen = totals[0], totals[1], int(totals[2])
+        if float(totals[3]) > 0 and int(first_bad) < 0:
+            first_bad = torch.zeros_like(first_bad)  # another rank saw it; the step is not known here
     bad = int(first_bad)
     if bad >= 0:
         raise TrainingError(
@@ -233,7 +335,9 @@ def evaluate(
 ) -> CertifyResult:
     """Clean and certified accuracy of ``model`` on ``ds`` with the named bound method."""
     device = next(model.parameters()).device
-    bound = model_bound(model, method)
+    # On a copy: converging the power iteration must not move the training model's vectors, so
+    # that evaluating (or not) never changes how training goes on.
+    bound = model_bound(copy.deepcopy(model), method)
     return certify(model, eval_batches(ds, batch_size, device), list(eps), bound=bound)
 
 
@@ -331,21 +435,42 @@ def fit(
     """
     out = Path(out_dir)
     emit = on_event or (lambda event: None)
-    ckpt_dir = out / "checkpoints"
     start_epoch = 0
     checkpoint = None
     if resume:
-        checkpoint = latest_checkpoint(ckpt_dir)
+        checkpoint = latest_checkpoint(out / "checkpoints")
         if checkpoint is None:
-            raise TrainingError(f"--resume: no intact checkpoint under {ckpt_dir}")
+            raise TrainingError(f"--resume: no intact checkpoint under {out / 'checkpoints'}")
         cfg = config_from_dict(checkpoint.meta["config"])
         start_epoch = checkpoint.epoch
-    # Everything that can fail on bad input happens before the run folder is created.
+    dist = dist_info_from_env()
     device = resolve_device(cfg.train.device)
+    if dist.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    with _process_group(dist, device):
+        return _fit(cfg, out, device, dist, checkpoint, start_epoch, emit)
+
+
+def _fit(
+    cfg: RunConfig,
+    out: Path,
+    device: torch.device,
+    dist: DistInfo,
+    checkpoint: Any,
+    start_epoch: int,
+    emit: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    ckpt_dir = out / "checkpoints"
+    main = dist.is_main
+    # Everything that can fail on bad input happens before the run folder is created.
     data = load_run_data(cfg)
     model = build_model(cfg, data.train.in_shape, data.train.num_classes).to(device)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.milestones), cfg.optim.gamma)
     train_seconds = 0.0
@@ -358,9 +483,15 @@ def fit(
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"checkpoint {checkpoint.path} does not match the configured model: {str(e).splitlines()[0]}") from None
         train_seconds = float(checkpoint.meta.get("train_seconds", 0.0))
-        _rewrite_metrics(out / "metrics.jsonl", start_epoch)
-    elif (out / "metrics.jsonl").exists():
+        if main:
+            _rewrite_metrics(out / "metrics.jsonl", start_epoch)
+    elif main and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
+    step_module: nn.Module = TrainStep(model, cfg.train.power_iters, cfg.train.precision, cfg.train.compile)
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     train_loss = TRAIN_LOSSES[cfg.loss.name](cfg.loss)
     aug = None
@@ -369,14 +500,17 @@ def fit(
 
         aug = DATASETS[cfg.data.name].augment
     loader = DeviceLoader(
-        data.train, cfg.train.batch_size, device=device, shuffle=True, augment=aug, seed=cfg.train.seed
+        data.train, cfg.train.batch_size, device=device, shuffle=True, augment=aug, seed=cfg.train.seed,
+        rank=dist.rank, world_size=dist.world_size,
     )
     emit({"event": "start", "epochs": cfg.train.epochs, "start_epoch": start_epoch, "device": str(device)})
     last_eval: CertifyResult | None = None
-    board = _TensorBoard(out / "tensorboard")
+    board = _TensorBoard(out / "tensorboard") if main else None
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         loader.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, optimizer, train_loss, cfg, epoch, len(loader))
+        stats = train_one_epoch(
+            model, loader, optimizer, train_loss, cfg, epoch, len(loader), step_module=step_module, dist=dist
+        )
         scheduler.step()
         train_seconds += stats.seconds
         per_layer = model.bound.converge()  # end-of-epoch convergence (METHOD.md section 3)
@@ -393,8 +527,11 @@ def fit(
             last_eval = evaluate(model, data.eval, cfg.eval.eps, method=cfg.eval.bound, batch_size=cfg.eval.batch_size)
             record.update(metrics_record(last_eval))
             record["eval_split"] = data.eval_split
+        if not main:
+            continue  # every rank trains and evaluates; only rank 0 writes
         _append_line(out / "metrics.jsonl", record)
-        board.log(record)
+        if board is not None:
+            board.log(record)
         if is_last or epoch % cfg.train.checkpoint_every == 0:
             save_checkpoint(
                 ckpt_dir,
@@ -411,7 +548,8 @@ def fit(
             )
         emit({"event": "epoch", **record})
 
-    board.close()
+    if board is not None:
+        board.close()
     if last_eval is None:  # resumed a run that had already finished
         last_eval = evaluate(model, data.eval, cfg.eval.eps, method=cfg.eval.bound, batch_size=cfg.eval.batch_size)
     summary = {
@@ -425,9 +563,10 @@ def fit(
         "dataset": cfg.data.name,
         "seed": cfg.train.seed,
     }
-    write_certificates(out / "certificates.csv", last_eval)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
-    emit({"event": "end", **summary})
+    if main:
+        write_certificates(out / "certificates.csv", last_eval)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+        emit({"event": "end", **summary})
     return summary
 
 

@@ -1,0 +1,185 @@
+"""Certified radius and accuracy: monotonicity, strictness, edge cases, and that certificates hold."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from lipmargin.certify import BOUND_METHODS, certified_accuracy, certified_radius, certify, model_bound
+from lipmargin.lipschitz import pairwise_head_norms
+from lipmargin.models import create_model
+from lipmargin.train import load_run
+
+f64 = torch.float64
+
+
+def _random_problem(seed: int, batch: int, classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(batch, classes, generator=g, dtype=f64)
+    pairwise = torch.rand(1, generator=g, dtype=f64) * 5 * pairwise_head_norms(torch.randn(classes, 3, generator=g, dtype=f64))
+    target = torch.randint(0, classes, (batch,), generator=g)
+    return logits, pairwise, target
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 40),
+    classes=st.integers(2, 6),
+    eps=st.lists(st.floats(0.0, 3.0), min_size=1, max_size=6),
+)
+def test_certified_accuracy_below_clean_and_monotone(seed: int, batch: int, classes: int, eps: list[float]) -> None:
+    logits, pairwise, target = _random_problem(seed, batch, classes)
+    radius, pred = certified_radius(logits, pairwise)
+    assert (radius >= 0).all()
+    clean = float((pred == target).double().mean())
+    acc = certified_accuracy(radius, pred, target, sorted(eps))
+    values = [acc[float(e)] for e in sorted(eps)]
+    assert all(0.0 <= v <= clean for v in values)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    # At radius 0 exactly the correct predictions with a strictly positive margin count.
+    at_zero = certified_accuracy(radius, pred, target, [0.0])[0.0]
+    assert at_zero == float(((radius > 0) & (pred == target)).double().mean())
+
+
+def test_certified_radius_matches_brute_force() -> None:
+    logits, pairwise, _ = _random_problem(1, 30, 5)
+    radius, pred = certified_radius(logits, pairwise)
+    assert torch.equal(pred, logits.argmax(1))
+    for b in range(30):
+        c = int(pred[b])
+        expected = min(float(logits[b, c] - logits[b, j]) / float(pairwise[c, j]) for j in range(5) if j != c)
+        assert float(radius[b]) == pytest.approx(expected, rel=1e-14)
+
+
+def test_certification_is_strict_at_radius_equal_eps() -> None:
+    logits = torch.tensor([[1.5, 1.0]], dtype=f64)  # margin 0.5, bound 2: radius 0.25 exactly
+    pairwise = torch.tensor([[0.0, 2.0], [2.0, 0.0]], dtype=f64)
+    radius, pred = certified_radius(logits, pairwise)
+    assert float(radius) == 0.25
+    acc = certified_accuracy(radius, pred, torch.tensor([0]), [0.25, math.nextafter(0.25, 0.0), 0.2])
+    assert acc == {0.25: 0.0, math.nextafter(0.25, 0.0): 1.0, 0.2: 1.0}
+    # A wrong prediction is never certified, whatever its radius.
+    assert certified_accuracy(radius, pred, torch.tensor([1]), [0.0, 0.1]) == {0.0: 0.0, 0.1: 0.0}
+
+
+def test_zero_pairwise_entry() -> None:
+    pairwise = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]], dtype=f64)
+    # Class 0 vs 1 has a zero bound: their difference is constant, so a positive margin never ends.
+    logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, -math.inf], [2.0, 2.0, 0.0]], dtype=f64)
+    radius, pred = certified_radius(logits, pairwise)
+    assert float(radius[0]) == 2.0  # limited by class 2 only
+    assert float(radius[1]) == math.inf
+    assert float(radius[2]) == 0.0  # a tie: zero margin, zero bound, not certified
+    # Only zero bounds and positive margins: infinitely robust.
+    r, _ = certified_radius(torch.tensor([[1.0, 0.0]], dtype=f64), torch.zeros(2, 2, dtype=f64))
+    assert float(r) == math.inf
+    assert not torch.isnan(radius).any()
+
+
+def test_certified_radius_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="pairwise"):
+        certified_radius(torch.zeros(2, 3), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="logits"):
+        certified_radius(torch.zeros(3), torch.zeros(3, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# certify() on a model
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_model() -> torch.nn.Module:
+    torch.manual_seed(5)
+    return create_model("2C2F", (1, 8, 8), 4, width=4, dense_width=8)
+
+
+@pytest.mark.parametrize("method", ["sound", "power"])
+@pytest.mark.parametrize("training", [True, False])
+def test_certify_leaves_the_callers_model_alone(method: str, training: bool) -> None:
+    model = _tiny_model().train(training)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(10, 1, 8, 8), torch.randint(0, 4, (10,))
+    result = certify(model, [(x, y)], [0.01, 0.1], method=method)
+    assert model.training is training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(b.dtype == torch.float32 for b in model.buffers())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed"
+    assert result.bound_method == method and result.sound is (method == "sound")
+
+
+def test_certify_result_matches_the_pure_functions() -> None:
+    model = _tiny_model().eval()
+    g = torch.Generator().manual_seed(6)
+    batches = [(torch.rand(7, 1, 8, 8, generator=g), torch.randint(0, 4, (7,), generator=g)) for _ in range(3)]
+    bound = model_bound(model, "sound")
+    result = certify(model, batches, [0.0, 0.001, 0.01], bound=bound)
+    assert result.bound is bound and result.lipschitz == bound.lipschitz
+    assert result.num_samples == 21
+    m64 = copy.deepcopy(model).double()
+    x = torch.cat([b[0] for b in batches]).double()
+    y = torch.cat([b[1] for b in batches])
+    radius, pred = certified_radius(m64(x).detach(), bound.pairwise)
+    assert_close(result.radius, radius, rtol=0, atol=0)
+    assert torch.equal(result.prediction, pred) and torch.equal(result.target, y)
+    assert result.clean_accuracy == float((pred == y).double().mean())
+    assert result.certified_accuracy == certified_accuracy(radius, pred, y, [0.0, 0.001, 0.01])
+    assert set(result.certified_accuracy) == {0.0, 0.001, 0.01}
+
+
+def test_certify_rejects_bad_arguments() -> None:
+    model = _tiny_model()
+    batch = [(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match="eps"):
+        certify(model, batch, [-0.1])
+    with pytest.raises(ValueError, match="unknown bound method 'exact'") as info:
+        certify(model, batch, [0.1], method="exact")
+    for name in BOUND_METHODS:
+        assert name in str(info.value)
+
+
+def test_certify_empty_batches() -> None:
+    result = certify(_tiny_model(), [], [0.1])
+    assert result.num_samples == 0 and result.certified_accuracy == {0.1: 0.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Certificates of a trained model hold
+# --------------------------------------------------------------------------------------------
+
+
+def test_sound_bound_above_power_on_trained_run(tiny_run: Path) -> None:
+    _, model, _ = load_run(tiny_run)
+    sound, power = model_bound(copy.deepcopy(model), "sound"), model_bound(copy.deepcopy(model), "power")
+    assert sound.lipschitz >= power.lipschitz * (1 - 1e-9)
+    assert (sound.pairwise >= power.pairwise * (1 - 1e-9)).all()
+
+
+def test_certified_samples_cannot_be_flipped_inside_their_radius(tiny_run: Path) -> None:
+    """Two moons is 2-D: search the whole circle of radius 0.999 r (and inside it) for a flip."""
+    _, model, _ = load_run(tiny_run)
+    g = torch.Generator().manual_seed(7)
+    x = 2.5 * torch.rand(400, 2, generator=g) - torch.tensor([0.75, 0.5])
+    result = certify(model, [(x, torch.zeros(400, dtype=torch.long))], [0.0])
+    radius, pred = result.radius, result.prediction
+    keep = torch.isfinite(radius) & (radius > 1e-3)
+    assert int(keep.sum()) >= 50
+    m64 = copy.deepcopy(model).double().eval()
+    angles = torch.linspace(0, 2 * math.pi, 257, dtype=f64)[:-1]
+    directions = torch.stack([angles.cos(), angles.sin()], dim=1)  # (256, 2)
+    with torch.no_grad():
+        for scale in (0.999, 0.7, 0.3):
+            points = x[keep].double()[:, None, :] + scale * radius[keep][:, None, None] * directions[None]  # (N, 256, 2)
+            flipped = m64(points.reshape(-1, 2)).argmax(1).reshape(points.shape[:2]) != pred[keep][:, None]
+            assert not flipped.any(), f"{int(flipped.any(1).sum())} certified samples flip at {scale} r"
+        # The search can find flips: at distance 1 (beyond most radii) some predictions do change.
+        far = x[keep].double()[:, None, :] + 1.0 * directions[None]
+        assert (m64(far.reshape(-1, 2)).argmax(1).reshape(far.shape[:2]) != pred[keep][:, None]).any()
