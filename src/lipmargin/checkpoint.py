@@ -187,7 +187,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         record = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"checkpoint metadata {path} is not valid JSON ({type(e).__name__})") from None
     if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint metadata {path} is not a lipmargin checkpoint (format {FORMAT_VERSION})")
@@ -208,10 +208,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         extra = _join_state(record.get("extra_state", {}), tensors)
-        epoch = int(record["epoch"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint metadata {path} is malformed: {e}") from None
-    return Checkpoint(epoch=epoch, model_state=model_state, extra_state=extra, meta=record.get("meta", {}), path=path)
+        epoch = record["epoch"]
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"checkpoint metadata {path} is malformed: {type(e).__name__}: {e}") from None
+    meta = record.get("meta", {})
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0 or not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint metadata {path} is malformed: 'epoch' must be an int >= 0 and 'meta' an object")
+    return Checkpoint(epoch=epoch, model_state=model_state, extra_state=extra, meta=meta, path=path)
 
 
 def latest_checkpoint(folder: Path) -> Checkpoint | None:

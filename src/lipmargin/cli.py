@@ -372,6 +372,31 @@ def _audit(args: argparse.Namespace) -> int:
     return 1 if result.violations else 0
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, help="torchscript, onnx (needs lipmargin[export]) or torch-export")
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--no-check", action="store_true", help="skip re-checking the export against certify")
+    p.add_argument("--batch-size", type=int, default=1000)
+
+
+@command("export", "write a self-contained predictor returning (label, radius) with the sound bound baked in", _export_args)
+def _export(args: argparse.Namespace) -> int:
+    from lipmargin.export import export_certified
+
+    try:
+        r = export_certified(args.run_dir, args.format, args.out, check=not args.no_check, batch_size=args.batch_size)
+    except ImportError as e:  # the optional extra for the format is missing
+        _err(str(e))
+        return EXIT_USAGE
+    checked = (
+        f"{r.num_samples} test samples re-checked with {r.runtime}, max relative radius difference "
+        f"{r.max_relative_difference:.3g}" if r.num_samples else "not checked"
+    )
+    print(f"{r.path}  ({r.format}; {checked}; Lipschitz {r.lipschitz:.6g})")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # listings
 # --------------------------------------------------------------------------------------------

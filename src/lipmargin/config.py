@@ -90,7 +90,7 @@ class TrainConfig:
     seed: int = 0
     power_iters: int = 5  # power-iteration steps per training step
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    precision: str = "fp32"  # fp32 | bf16 (autocast for forward/backward; bounds stay fp32/fp64)
+    precision: str = "fp32"  # fp32 | bf16 (autocast forward/backward; bounds stay fp32) | fp64 (all float64)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model's forward
     checkpoint_every: int = 1
@@ -141,6 +141,23 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error message: at most ``limit`` characters, and it never raises."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int over 4300 digits, a self-referencing value
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _yaml_item(text: str) -> Any:
+    """One list item written as text (``"36/255"`` stays text); unparsable text stays text."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return text
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -154,7 +171,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
     if origin is tuple:
         (item,) = typing.get_args(tp)[:1]
         if isinstance(value, str):
@@ -162,30 +179,38 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
         if item is str:
             return tuple(_coerce(v, item, key) for v in value)
-        return tuple(_coerce(v if not isinstance(v, str) else yaml.safe_load(v), item, key) for v in value)
+        return tuple(_coerce(v if not isinstance(v, str) else _yaml_item(v), item, key) for v in value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:  # beyond int64 (and beyond what str() may print)
+                raise ConfigError(f"{key}: {_show(value)} is out of range for an integer")
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{key}: {_show(value)} is too large for a number") from None
+        raise ConfigError(f"{key}: expected a number, got {_show(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+            try:
+                return str(value)
+            except ValueError:  # an int over 4300 digits
+                raise ConfigError(f"{key}: expected a string, got an integer of {value.bit_length()} bits") from None
+        raise ConfigError(f"{key}: expected a string, got {_show(value)}")
     raise ConfigError(f"{key}: unsupported type {tp!r}")
 
 
@@ -256,11 +281,11 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.loss.name in losses, f"loss.name: unknown loss {cfg.loss.name!r}; choose one of {', '.join(losses)}")
     _require(math.isfinite(cfg.loss.eps) and cfg.loss.eps > 0, f"loss.eps must be > 0 (an L2 radius); got {cfg.loss.eps}")
     _require(0.0 < cfg.loss.p < 1.0, f"loss.p must lie in the open interval (0, 1); got {cfg.loss.p}")
-    _require(cfg.loss.lipschitz_penalty >= 0, f"loss.lipschitz_penalty must be >= 0; got {cfg.loss.lipschitz_penalty}")
-    _require(cfg.loss.penalty_power > 0, f"loss.penalty_power must be > 0; got {cfg.loss.penalty_power}")
-    _require(cfg.loss.trades_lambda >= 0, f"loss.trades_lambda must be >= 0; got {cfg.loss.trades_lambda}")
-    _require(cfg.optim.lr > 0, f"optim.lr must be > 0; got {cfg.optim.lr}")
-    _require(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {cfg.optim.weight_decay}")
+    _require(math.isfinite(cfg.loss.lipschitz_penalty) and cfg.loss.lipschitz_penalty >= 0, f"loss.lipschitz_penalty must be >= 0; got {cfg.loss.lipschitz_penalty}")
+    _require(math.isfinite(cfg.loss.penalty_power) and cfg.loss.penalty_power > 0, f"loss.penalty_power must be > 0; got {cfg.loss.penalty_power}")
+    _require(math.isfinite(cfg.loss.trades_lambda) and cfg.loss.trades_lambda >= 0, f"loss.trades_lambda must be >= 0; got {cfg.loss.trades_lambda}")
+    _require(math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0, f"optim.lr must be > 0; got {cfg.optim.lr}")
+    _require(math.isfinite(cfg.optim.weight_decay) and cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {cfg.optim.weight_decay}")
     _require(0 < cfg.optim.gamma <= 1, f"optim.gamma must be in (0, 1]; got {cfg.optim.gamma}")
     _require(all(m >= 1 for m in cfg.optim.milestones), f"optim.milestones must be epochs >= 1; got {list(cfg.optim.milestones)}")
     _require(cfg.train.epochs >= 1, f"train.epochs must be >= 1; got {cfg.train.epochs}")
@@ -273,7 +298,7 @@ def validate(cfg: RunConfig) -> None:
         dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
         f"train.device must be auto, cpu, cuda or cuda:N; got {dev!r}",
     )
-    _require(cfg.train.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16; got {cfg.train.precision!r}")
+    _require(cfg.train.precision in ("fp32", "bf16", "fp64"), f"train.precision must be fp32, bf16 or fp64; got {cfg.train.precision!r}")
     _require(len(cfg.eval.eps) >= 1, "eval.eps must list at least one radius")
     _require(all(math.isfinite(e) and e > 0 for e in cfg.eval.eps), f"eval.eps values must be > 0; got {list(cfg.eval.eps)}")
     _require(cfg.eval.every >= 0, f"eval.every must be >= 0; got {cfg.eval.every}")
@@ -326,7 +351,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int over 4300 digits
         value = raw
     return path, value
 

@@ -865,7 +865,7 @@ def _load_pickle(path: Path, name: str, hint: str) -> Any:
     except pickle.UnpicklingError as err:
         raise DatasetError(f"{name}: {path} is not a valid CIFAR batch: {err} ({hint})") from err
     except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            struct.error, MemoryError) as err:
+            struct.error, MemoryError, OverflowError, RecursionError) as err:
         raise DatasetError(
             f"{name}: cannot unpickle {path} ({type(err).__name__}: {err}); the file is corrupt or "
             f"truncated, replace it ({hint})"

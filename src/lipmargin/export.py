@@ -11,6 +11,11 @@ Loading it (TorchScript; only ``torch`` is imported)::
     m = torch.jit.load("model.pt")
     label, radius = m(x)  # x: (B, *in_shape) float pixels in [0, 1], as in training
 
+Loading it (torch-export, the successor of TorchScript, which recent torch releases deprecate)::
+
+    m = torch.export.load("model.pt2").module()
+    label, radius = m(x)
+
 Loading it (ONNX; input ``x`` float32, outputs ``label`` and ``radius``)::
 
     import onnxruntime as ort
@@ -29,6 +34,7 @@ and runs it on the run's whole test split; its labels must equal those of
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -50,6 +56,7 @@ from lipmargin.train import load_run
 
 __all__ = [
     "EXPORT_FORMATS",
+    "LAYER_EXPORTS",
     "CHECK_RTOL",
     "ExportError",
     "ExportFormat",
@@ -168,13 +175,12 @@ register_layer_export(Normalize)(lambda m: _Normalize(m.mean, m.std))  # type: i
 
 def _export_layer(m: nn.Module) -> nn.Module:
     convert = LAYER_EXPORTS.get(type(m))
-    if convert is None:
-        supported = ", ".join(sorted(t.__name__ for t in LAYER_EXPORTS))
-        raise TypeError(
-            f"cannot export layer {type(m).__name__}; supported layers: {supported} "
-            f"(add one with lipmargin.export.register_layer_export)"
-        )
-    return convert(m)
+    if convert is not None:
+        return convert(m)
+    # Any other layer (a bounded model has a Lipschitz rule for each): a float64 copy in eval mode,
+    # exactly what certify() evaluates; the exporters record its forward into the file, and the
+    # check proves the file needs no lipmargin code.
+    return copy.deepcopy(m).to(device="cpu", dtype=torch.float64).eval().requires_grad_(False)
 
 
 class CertifiedPredictor(nn.Module):
@@ -274,10 +280,33 @@ def _save_torchscript(predictor: CertifiedPredictor, example: Tensor, path: Path
     # Traced, not scripted: the trace records the very certified_radius that certify() runs.  Its
     # only Python control flow is a shape check, and the only size it bakes in is the class count,
     # so the TracerWarnings it raises about them are expected (the check runs other batch sizes).
+    # Recent torch (2.13 here) flags torch.jit as deprecated; the caller asked for TorchScript by
+    # name (the torch-export format is its successor), so that warning says nothing new here.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
         traced = torch.jit.trace(predictor, (example,), check_trace=False)
-    torch.jit.save(traced, str(path))
+        torch.jit.save(traced, str(path))
+
+
+def _exported_program(predictor: CertifiedPredictor, example: Tensor) -> torch.export.ExportedProgram:
+    # min=1: the example has batch 2 only so that the exporter does not specialise on 1.
+    batch = torch.export.Dim("batch", min=1)
+    return torch.export.export(predictor, (example,), dynamic_shapes={"x": {0: batch}})
+
+
+_TORCH_EXPORT_LOADER = """
+predict = torch.export.load(model_path).module()
+runtime = "torch.export.load (torch " + torch.__version__ + ")"
+"""
+
+
+@register_export_format(
+    "torch-export", suffix=".pt2", loader=_TORCH_EXPORT_LOADER,
+    description="torch.export ExportedProgram; load with torch.export.load(path).module()",
+)
+def _save_torch_export(predictor: CertifiedPredictor, example: Tensor, path: Path) -> None:
+    torch.export.save(_exported_program(predictor, example), str(path))
 
 
 _ONNX_LOADER = """
@@ -330,14 +359,12 @@ def _require_onnx() -> None:
     description="ONNX (float64 graph); needs the [export] extra",
 )
 def _save_onnx(predictor: CertifiedPredictor, example: Tensor, path: Path) -> None:
-    batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(
-        predictor,
+        _exported_program(predictor, example),
         (example,),
         str(path),
         input_names=["x"],
         output_names=["label", "radius"],
-        dynamic_shapes={"x": {0: batch}},
         external_data=False,  # one self-contained file
         dynamo=True,
     )
@@ -359,7 +386,9 @@ import sys
 
 import torch
 
-model_path, inputs_path, result_path, batch_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+model_path, inputs_path, result_path = sys.argv[1], sys.argv[2], sys.argv[3]
+batch_size, threads = int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
 {loader}
 inputs = torch.load(inputs_path, weights_only=True)
 labels, radii = [], []
@@ -389,7 +418,9 @@ def _run_fresh_process(fmt: ExportFormat, model_path: Path, inputs: Tensor, batc
     inputs_path, result_path = work / "inputs.pt", work / "result.pt"
     torch.save(inputs.contiguous(), inputs_path)
     script = _CHECK_SCRIPT.format(loader=fmt.loader)
-    argv = [sys.executable, "-I", "-c", script, str(model_path), str(inputs_path), str(result_path), str(batch_size)]
+    # The caller's thread count: the same speed, and the same reduction order as certify() here.
+    threads = str(torch.get_num_threads())
+    argv = [sys.executable, "-I", "-c", script, str(model_path), str(inputs_path), str(result_path), str(batch_size), threads]
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=work)
     if proc.returncode != 0:
         lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
@@ -452,7 +483,7 @@ def export_certified(
 
     Args:
         run_dir: a run folder written by :func:`lipmargin.train.fit`.
-        fmt: a name in :data:`EXPORT_FORMATS` (``torchscript`` or ``onnx``).
+        fmt: a name in :data:`EXPORT_FORMATS`: ``torchscript``, ``torch-export`` or ``onnx``.
         out: the file to write; it appears only after the check passed (written atomically).
         check: load the file in a fresh process and compare it with ``certify`` on the whole test
             split (labels equal, radii to :data:`CHECK_RTOL` relative).

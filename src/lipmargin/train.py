@@ -234,10 +234,12 @@ class TrainStep(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         device_type = x.device.type
+        if self.precision == "fp64":
+            x = x.double()
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = self.forward_fn(x)
         k, _ = self.model.feature_lipschitz(self.power_iters)
-        return logits.float(), k
+        return (logits if self.precision == "fp64" else logits.float()), k
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,6 +468,8 @@ def _fit(
     # Everything that can fail on bad input happens before the run folder is created.
     data = load_run_data(cfg)
     model = build_model(cfg, data.train.in_shape, data.train.num_classes).to(device)
+    if cfg.train.precision == "fp64":
+        model = model.double()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if main:
@@ -580,14 +584,16 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[R
         found = sorted(p.name for p in (run / "checkpoints").glob("*")) if (run / "checkpoints").is_dir() else []
         detail = f"found only damaged files: {', '.join(found)}" if found else "no checkpoint files"
         raise CheckpointError(f"no intact checkpoint in {run / 'checkpoints'} ({detail})")
+    if not isinstance(ckpt.meta.get("config"), dict):
+        raise CheckpointError(f"checkpoint {ckpt.path} holds no config")
     try:
         cfg = config_from_dict(ckpt.meta["config"])
-    except (KeyError, ValueError) as e:
+    except ValueError as e:
         raise CheckpointError(f"checkpoint {ckpt.path} holds no valid config: {e}") from None
     data_shape = ckpt.meta.get("data_shape")
     in_shape, num_classes = _model_shape_from_state(ckpt.model_state, cfg, data_shape)
-    model = build_model(cfg, in_shape, num_classes)
     try:
+        model = build_model(cfg, in_shape, num_classes)
         model.load_state_dict(ckpt.model_state)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ckpt.path} does not match model {cfg.model.name}: {str(e).splitlines()[0]}") from None
@@ -596,6 +602,15 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[R
 
 def _model_shape_from_state(state: dict[str, Tensor], cfg: RunConfig, data_shape: Any) -> tuple[tuple[int, ...], int]:
     if data_shape is not None:
-        return tuple(int(s) for s in data_shape["in_shape"]), int(data_shape["num_classes"])
+        ok = (
+            isinstance(data_shape, dict)
+            and isinstance(data_shape.get("in_shape"), list)
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in data_shape["in_shape"])
+            and isinstance(data_shape.get("num_classes"), int)
+            and not isinstance(data_shape["num_classes"], bool)
+        )
+        if not ok:
+            raise CheckpointError(f"checkpoint data_shape {str(data_shape)[:80]} must be {{'in_shape': [positive ints], 'num_classes': int}}")
+        return tuple(data_shape["in_shape"]), data_shape["num_classes"]
     ds = load_dataset(cfg.data.name, cfg.data.root, "test")
     return ds.in_shape, ds.num_classes
