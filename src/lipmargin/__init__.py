@@ -24,8 +24,14 @@ from lipmargin.lipschitz import (
     register_layer_rule,
 )
 from lipmargin.losses import (
+    CertRegLoss,
     CLLoss,
     GloRoLoss,
+    HKRLoss,
+    LMTLoss,
+    cert_reg_loss,
+    hkr_loss,
+    lmt_loss,
     cll_loss,
     cll_sigma,
     gloro_eps_schedule,
@@ -41,6 +47,12 @@ __version__ = "0.1.0"
 __all__ = [
     "BOUND_METHODS",
     "CLLoss",
+    "CertRegLoss",
+    "HKRLoss",
+    "LMTLoss",
+    "cert_reg_loss",
+    "hkr_loss",
+    "lmt_loss",
     "CertifyResult",
     "CheckpointError",
     "ConfigError",

@@ -62,7 +62,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "cll"  # cll | gloro | ce
+    name: str = "cll"  # cll | gloro | ce | lmt | hkr | ce-cr
     eps: float = 0.5
     p: float = 0.01
     lipschitz_penalty: float = 1e-4  # lambda in lambda * K_tot^power
@@ -73,6 +73,9 @@ class LossConfig:
     detach_lipschitz: bool = True  # CLL: K is a constant inside the loss (the authors' default)
     eps_anneal: bool = True  # GloRo: eps_end * (1 - (1 - t/T)^5)
     trades_lambda: float = 0.0  # GloRo: > 0 selects the TRADES variant
+    hkr_alpha: float = 10.0  # HKR: weight of the hinge term
+    hkr_margin: float = 1.0  # HKR: hinge margin
+    cr_gamma: float = 0.5  # ce-cr: weight of the certificate regulariser
 
 
 @dataclass(frozen=True)

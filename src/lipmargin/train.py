@@ -34,10 +34,13 @@ from lipmargin.config import LossConfig, RunConfig, config_from_dict, config_to_
 from lipmargin.data import ArrayDataset, DeviceLoader, load_dataset, train_val_split
 from lipmargin.lipschitz import pairwise_head_norms
 from lipmargin.losses import (
+    cert_reg_loss,
     cll_loss,
     gloro_eps_schedule,
     gloro_loss,
+    hkr_loss,
     k_scale_schedule,
+    lmt_loss,
     lipschitz_penalty,
 )
 from lipmargin.models import LipschitzNet, create_model
@@ -107,6 +110,30 @@ def _gloro(cfg: LossConfig) -> TrainLoss:
     def loss(logits: Tensor, target: Tensor, model: LipschitzNet, k: Tensor, progress: float) -> Tensor:
         eps = gloro_eps_schedule(progress, cfg.eps) if cfg.eps_anneal else cfg.eps
         return gloro_loss(logits, target, model.pairwise_lipschitz(k), eps, trades_lambda=cfg.trades_lambda)
+
+    return loss
+
+
+@register_train_loss("lmt")
+def _lmt(cfg: LossConfig) -> TrainLoss:
+    def loss(logits: Tensor, target: Tensor, model: LipschitzNet, k: Tensor, progress: float) -> Tensor:
+        return lmt_loss(logits, target, model.pairwise_lipschitz(k)[target], cfg.eps)
+
+    return loss
+
+
+@register_train_loss("hkr")
+def _hkr(cfg: LossConfig) -> TrainLoss:
+    def loss(logits: Tensor, target: Tensor, model: LipschitzNet, k: Tensor, progress: float) -> Tensor:
+        return hkr_loss(logits, target, alpha=cfg.hkr_alpha, min_margin=cfg.hkr_margin)
+
+    return loss
+
+
+@register_train_loss("ce-cr")
+def _ce_cr(cfg: LossConfig) -> TrainLoss:
+    def loss(logits: Tensor, target: Tensor, model: LipschitzNet, k: Tensor, progress: float) -> Tensor:
+        return cert_reg_loss(logits, target, model.pairwise_lipschitz(k.detach())[target], cfg.cr_gamma)
 
     return loss
 
