@@ -179,28 +179,34 @@ def _certify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
-@command("certify", "certified accuracy of a trained run", _certify_args)
-def _certify(args: argparse.Namespace) -> int:
-    from lipmargin.certify import BOUND_METHODS, certify, model_bound
+def _load_certifiable(args: argparse.Namespace, split: str = "test") -> tuple[Any, Any, int, list[tuple[str, float]], Any, Any]:
+    """Shared by certify and audit: check --bound / --eps, load the run and its data split.
+
+    Returns ``(cfg, model, epoch, eps_items, dataset, device)``; bad input raises ValueError (exit 2).
+    """
+    from lipmargin.certify import BOUND_METHODS
     from lipmargin.data import load_dataset
-    from lipmargin.train import eps_key, eval_batches, load_run, resolve_device
+    from lipmargin.train import eps_key, load_run, resolve_device
 
     if args.bound not in BOUND_METHODS:
-        _err(f"--bound must be one of {', '.join(sorted(BOUND_METHODS))}; got {args.bound!r}")
-        return EXIT_USAGE
-    try:
-        eps_items = _parse_eps_list(args.eps) if args.eps else None
-    except ValueError as e:
-        _err(str(e))
-        return EXIT_USAGE
+        raise ValueError(f"--bound must be one of {', '.join(sorted(BOUND_METHODS))}; got {args.bound!r}")
+    eps_items = _parse_eps_list(args.eps) if args.eps else None
     device = resolve_device(args.device)
     cfg, model, epoch = load_run(args.run_dir, device)
     if eps_items is None:
         eps_items = [(eps_key(e), e) for e in cfg.eval.eps]
-    ds = load_dataset(cfg.data.name, cfg.data.root, args.split)
+    ds = load_dataset(cfg.data.name, cfg.data.root, split)
     if ds.in_shape != model.in_shape:
-        _err(f"dataset {cfg.data.name} has inputs of shape {ds.in_shape} but the model expects {model.in_shape}")
-        return EXIT_USAGE
+        raise ValueError(f"dataset {cfg.data.name} has inputs of shape {ds.in_shape} but the model expects {model.in_shape}")
+    return cfg, model, epoch, eps_items, ds, device
+
+
+@command("certify", "certified accuracy of a trained run", _certify_args)
+def _certify(args: argparse.Namespace) -> int:
+    from lipmargin.certify import certify, model_bound
+    from lipmargin.train import eval_batches
+
+    cfg, model, epoch, eps_items, ds, device = _load_certifiable(args, args.split)
     bounds = {name: model_bound(model, name) for name in sorted({args.bound, "power", "sound"})}
     result = certify(model, eval_batches(ds, cfg.eval.batch_size, device), [v for _, v in eps_items], bound=bounds[args.bound])
     cert = {label: result.certified_accuracy[float(v)] for label, v in eps_items}
@@ -307,31 +313,14 @@ def _audit(args: argparse.Namespace) -> int:
     import torch
 
     from lipmargin.audit import audit_model
-    from lipmargin.certify import BOUND_METHODS, model_bound
+    from lipmargin.certify import model_bound
     from lipmargin.data import input_box, load_dataset, to_float
-    from lipmargin.train import eps_key, load_run, resolve_device
 
-    if args.bound not in BOUND_METHODS:
-        _err(f"--bound must be one of {', '.join(sorted(BOUND_METHODS))}; got {args.bound!r}")
-        return EXIT_USAGE
     for name in ("n", "pgd_steps", "pgd_restarts", "lobo_pairs", "lobo_steps"):
         if getattr(args, name) < 1:
-            _err(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-            return EXIT_USAGE
-    try:
-        eps_items = _parse_eps_list(args.eps) if args.eps else None
-    except ValueError as e:
-        _err(str(e))
-        return EXIT_USAGE
-    device = resolve_device(args.device)
-    cfg, model, epoch = load_run(args.run_dir, device)
-    if eps_items is None:
-        eps_items = [(eps_key(e), e) for e in cfg.eval.eps]
-    test = load_dataset(cfg.data.name, cfg.data.root, "test")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    cfg, model, epoch, eps_items, test, device = _load_certifiable(args)
     train = load_dataset(cfg.data.name, cfg.data.root, "train")
-    if test.in_shape != model.in_shape:
-        _err(f"dataset {cfg.data.name} has inputs of shape {test.in_shape} but the model expects {model.in_shape}")
-        return EXIT_USAGE
     n = min(args.n, len(test))
     x = to_float(test.inputs[:n]).to(device)
     y = test.labels[:n].to(device)
