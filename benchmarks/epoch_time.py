@@ -22,7 +22,7 @@ from _common import report, sync
 from lipmargin import create_model
 from lipmargin.config import LossConfig, RunConfig, TrainConfig
 from lipmargin.data import ArrayDataset, Augment, DeviceLoader, augment_batch, to_float
-from lipmargin.train import TRAIN_LOSSES, TrainStep, train_one_epoch
+from lipmargin.train import TRAIN_LOSSES, TrainStep, build_optimizer, train_one_epoch
 
 AUG = Augment(crop_padding=4, hflip=True, brightness=0.25, contrast=0.25, saturation=0.25, rotation=2.0)
 
@@ -43,9 +43,9 @@ class PerSampleDataset(Dataset):
 
 
 def run_epoch(model, loader, device: torch.device, cfg: RunConfig) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = build_optimizer(model, cfg, device)
     loss = TRAIN_LOSSES["cll"](cfg.loss)
-    step = TrainStep(model, cfg.train.power_iters, cfg.train.precision)
+    step = TrainStep(model, cfg.train.power_iters, cfg.train.precision, None if cfg.train.compile == "none" else cfg.train.compile)
     sync(device)
     t0 = time.perf_counter()
     train_one_epoch(model, loader, opt, loss, cfg, 1, len(loader), step_module=step)
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--compile", default="none", help="torch.compile mode of the lipmargin train step")
     ap.add_argument("--skip-dataloader", action="store_true", help="time lipmargin's pipeline only")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (args.images,), generator=g)
     cfg = RunConfig(loss=LossConfig(name="cll", eps=0.5, p=0.01),
-                    train=TrainConfig(epochs=1, batch_size=args.batch, precision=args.precision))
+                    train=TrainConfig(epochs=1, batch_size=args.batch, precision=args.precision, compile=args.compile))
 
     torch.manual_seed(0)
     model = create_model("4C3F", (3, 32, 32), 10).to(device)
@@ -92,7 +93,8 @@ def main() -> None:
 
     result = {"device": str(device), "images": args.images, "batch": args.batch, "precision": args.precision,
               "lipmargin_epoch_s": t_fast, "lipmargin_epoch_s_per_50k": t_fast * 50_000 / args.images}
-    figure = f"lipmargin {t_fast:.2f} s/epoch ({args.images} imgs, {device}, {args.precision})"
+    result["compile"] = args.compile
+    figure = f"lipmargin {t_fast:.2f} s/epoch ({args.images} imgs, {device}, {args.precision}, compile {args.compile})"
     if not args.skip_dataloader:
         torch.manual_seed(0)
         model = create_model("4C3F", (3, 32, 32), 10).to(device)

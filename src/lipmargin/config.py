@@ -95,7 +95,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
     precision: str = "fp32"  # fp32 | bf16 (autocast forward/backward; bounds stay fp32) | fp64 (all float64)
     channels_last: bool = False
-    compile: bool = False  # torch.compile the model's forward
+    compile: str = "none"  # none | default | reduce-overhead | max-autotune (torch.compile of the train step)
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
 
@@ -302,6 +302,8 @@ def validate(cfg: RunConfig) -> None:
         f"train.device must be auto, cpu, cuda or cuda:N; got {dev!r}",
     )
     _require(cfg.train.precision in ("fp32", "bf16", "fp64"), f"train.precision must be fp32, bf16 or fp64; got {cfg.train.precision!r}")
+    _require(cfg.train.compile in ("none", "default", "reduce-overhead", "max-autotune"),
+             f"train.compile must be none, default, reduce-overhead or max-autotune; got {cfg.train.compile!r}")
     _require(len(cfg.eval.eps) >= 1, "eval.eps must list at least one radius")
     _require(all(math.isfinite(e) and e > 0 for e in cfg.eval.eps), f"eval.eps values must be > 0; got {list(cfg.eval.eps)}")
     _require(cfg.eval.every >= 0, f"eval.every must be >= 0; got {cfg.eval.every}")
