@@ -58,6 +58,11 @@ def test_sweep_tables_resume_and_spec_guard(tmp_path) -> None:
     again = run_sweep(_moons_base(), grid, 2, out)
     assert again == results
     assert (out / results["cells"][0]["runs"][0] / "summary.json").stat().st_mtime_ns == stamp
+    # A sweep.json written before a config key existed still counts as the same sweep.
+    spec = json.loads((out / "sweep.json").read_text())
+    del spec["base"]["loss"]["cr_gamma"]
+    (out / "sweep.json").write_text(json.dumps(spec))
+    assert run_sweep(_moons_base(), grid, 2, out) == results
     with pytest.raises(ConfigError, match="different sweep"):
         run_sweep(_moons_base(), {"loss.p": [0.5]}, 1, out)
 

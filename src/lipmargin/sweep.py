@@ -101,7 +101,10 @@ def run_sweep(
     if spec_path.exists():
         try:
             previous = json.loads(spec_path.read_text())
-        except json.JSONDecodeError:
+            # Through the current schema, so that a key added to lipmargin since (with its
+            # default) does not make the same sweep look different.
+            previous["base"] = config_to_dict(config_from_dict(previous["base"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             previous = None
         if previous != json.loads(json.dumps(spec)):
             raise ConfigError(f"{out} holds a different sweep (see {spec_path}); choose another --out")
