@@ -435,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lipmargin", description="Certified L2-robust classifiers with CLL.")
     parser.add_argument("--version", action="version", version=f"lipmargin {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 helps on a busy shared machine)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, configure, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -465,6 +467,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     fn = COMMANDS[args.command][0]
     debug = bool(getattr(args, "debug", False))
+    if args.threads is not None:
+        if args.threads < 1:
+            _err(f"--threads must be >= 1; got {args.threads}")
+            return EXIT_USAGE
+        import torch
+
+        torch.set_num_threads(args.threads)  # the CLI owns the process; the library never does this
     try:
         return fn(args)
     except _expected_errors() as e:
