@@ -205,3 +205,6 @@ def _generic_mlp(in_shape: tuple[int, ...], num_classes: int, widths: Sequence[i
 def _c2f2(in_shape: tuple[int, ...], num_classes: int, width: int = 32, dense_width: int = 256) -> LipschitzNet:
     w = int(width)
     return _conv_net(in_shape, num_classes, [(w, 3, 1, 1), (2 * w, 3, 2, 1)], [dense_width], "2C2F")
+
+
+from lipmargin import backbones as _backbones  # noqa: E402,F401  (registers the 1-Lipschitz backbones)
