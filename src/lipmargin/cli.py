@@ -391,14 +391,17 @@ def _export(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _print_listing(rows: dict[str, str]) -> None:
+    width = max(len(n) for n in rows)
+    for name, text in rows.items():
+        print(f"{name:<{width}}  {text}")
+
+
 @command("presets", "list the named presets", _no_args)
 def _presets(args: argparse.Namespace) -> int:
     from lipmargin.config import list_presets, preset_description
 
-    names = list_presets()
-    width = max(len(n) for n in names)
-    for name in names:
-        print(f"{name:<{width}}  {preset_description(name)}")
+    _print_listing({name: preset_description(name) for name in list_presets()})
     return 0
 
 
@@ -406,9 +409,7 @@ def _presets(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from lipmargin.models import MODELS
 
-    width = max(len(n) for n in MODELS)
-    for name in sorted(MODELS):
-        print(f"{name:<{width}}  {MODELS[name].description}")
+    _print_listing({name: MODELS[name].description for name in sorted(MODELS)})
     return 0
 
 
@@ -416,11 +417,10 @@ def _models(args: argparse.Namespace) -> int:
 def _datasets(args: argparse.Namespace) -> int:
     from lipmargin.data import DATASETS
 
-    width = max(len(n) for n in DATASETS)
-    for name in sorted(DATASETS):
-        spec = DATASETS[name]
-        root = f" (default root {spec.default_root})" if spec.default_root else ""
-        print(f"{name:<{width}}  {spec.description}{root}")
+    _print_listing({
+        name: spec.description + (f" (default root {spec.default_root})" if spec.default_root else "")
+        for name, spec in sorted(DATASETS.items())
+    })
     return 0
 
 
