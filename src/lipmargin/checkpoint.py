@@ -29,6 +29,7 @@ __all__ = [
     "Checkpoint",
     "atomic_write_bytes",
     "atomic_write_text",
+    "fsync_directory",
     "save_checkpoint",
     "load_checkpoint",
     "list_checkpoints",
@@ -59,8 +60,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (best effort: not every filesystem allows it)."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from lipmargin.certify import ModelBound, certified_radius, certify, model_bound
+from lipmargin.checkpoint import fsync_directory
 from lipmargin.data import load_dataset, to_float
 from lipmargin.layers import GroupSort, MaxMin, Normalize
 from lipmargin.lipschitz import flatten_layers
@@ -448,14 +449,7 @@ def _publish(staged: Path, out: Path) -> None:
     with staged.open("rb+") as f:
         os.fsync(f.fileno())
     os.replace(staged, out)
-    try:  # make the rename itself durable
-        dfd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    fsync_directory(out.parent)
 
 
 @dataclass(frozen=True)
