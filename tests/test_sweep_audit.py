@@ -138,3 +138,41 @@ def test_sound_bound_close_to_power_on_trained_conv_net(tmp_path) -> None:
     for p, s in zip(power.per_layer, sound.per_layer):
         assert p * (1 - 1e-7) <= s <= p * 1.05
     assert torch.all(sound.pairwise >= power.pairwise * (1 - 1e-7))
+
+
+def test_parallel_sweep_trains_the_same_runs_as_a_sequential_one(tmp_path) -> None:
+    """--jobs 2: each run is trained in its own spawned process, with the same config and seed."""
+    base = _moons_base(epochs=1)
+    grid = {"loss.p": [0.75, 0.01]}
+    seq = run_sweep(base, grid, 1, tmp_path / "seq")
+    events: list[dict] = []
+    par = run_sweep(base, grid, 1, tmp_path / "par", jobs=2, on_event=events.append)
+    assert [e["status"] for e in events].count("finished") == 2
+    for a, b in zip(seq["cells"], par["cells"]):
+        assert a["params"] == b["params"]
+        # moons-cll trains in float32 on one thread per process: the same numbers up to rounding.
+        assert b["clean_accuracy"]["mean"] == pytest.approx(a["clean_accuracy"]["mean"], abs=0.02)
+    with pytest.raises(ConfigError, match="--jobs must be >= 1"):
+        run_sweep(base, grid, 1, tmp_path / "bad", jobs=0)
+
+
+def test_cli_audit_of_a_sweep_writes_audits_and_the_table_column(tmp_path, capsys) -> None:
+    from lipmargin.cli import main
+
+    out = tmp_path / "s"
+    run_sweep(_moons_base(epochs=3), {"loss.p": [0.01]}, 2, out)
+    args = ["audit", str(out), "--eps", "0.15", "--n", "50", "--pgd-steps", "5", "--pgd-restarts", "1",
+            "--lobo-pairs", "10", "--lobo-steps", "10"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "violations: 0 over 2 runs" in text
+    results = json.loads((out / "results.json").read_text())
+    audit = results["cells"][0]["audit"]
+    assert audit["runs"] == 2 and audit["violations"] == 0 and audit["samples_per_run"] == 50
+    assert "audit violations" in (out / "results.md").read_text()
+    for run in results["cells"][0]["runs"]:
+        assert json.loads((out / run / "audit.json").read_text())["settings"]["n"] == 50
+    # A second call finds the audits done with the same settings and does not redo them.
+    stamp = (out / results["cells"][0]["runs"][0] / "audit.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / results["cells"][0]["runs"][0] / "audit.json").stat().st_mtime_ns == stamp

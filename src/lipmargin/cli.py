@@ -179,7 +179,9 @@ def _certify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
-def _load_certifiable(args: argparse.Namespace, split: str = "test") -> tuple[Any, Any, int, list[tuple[str, float]], Any, Any]:
+def _load_certifiable(
+    args: argparse.Namespace, split: str = "test", run_dir: str | Path | None = None
+) -> tuple[Any, Any, int, list[tuple[str, float]], Any, Any]:
     """Shared by certify and audit: check --bound / --eps, load the run and its data split.
 
     Returns ``(cfg, model, epoch, eps_items, dataset, device)``; bad input raises ValueError (exit 2).
@@ -192,7 +194,7 @@ def _load_certifiable(args: argparse.Namespace, split: str = "test") -> tuple[An
         raise ValueError(f"--bound must be one of {', '.join(sorted(BOUND_METHODS))}; got {args.bound!r}")
     eps_items = _parse_eps_list(args.eps) if args.eps else None
     device = resolve_device(args.device)
-    cfg, model, epoch = load_run(args.run_dir, device)
+    cfg, model, epoch = load_run(args.run_dir if run_dir is None else run_dir, device)
     if eps_items is None:
         eps_items = [(eps_key(e), e) for e in cfg.eval.eps]
     ds = load_dataset(cfg.data.name, cfg.data.root, split)
@@ -245,6 +247,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
                    help="a swept config key and its values, e.g. --grid loss.p=0.01,0.3 (repeatable)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell: train.seed, train.seed+1, ... (default: the preset's sweep.seeds, else 1)")
     p.add_argument("--out", required=True, help="sweep folder (re-running continues where it stopped)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (they share a GPU, or spread over several)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -264,7 +267,7 @@ def _sweep(args: argparse.Namespace) -> int:
         if verbose and event.get("event") == "run":
             print(f"[{event['index']}/{event['total']}] {event['status']:<6} {event['run_dir']}", file=sys.stderr, flush=True)
 
-    run_sweep(base, grid, seeds, args.out, on_event=progress)
+    run_sweep(base, grid, seeds, args.out, on_event=progress, jobs=args.jobs)
     if verbose:
         print((Path(args.out) / "results.md").read_text(), end="")
         print(f"results: {Path(args.out) / 'results.json'}")
@@ -293,7 +296,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _audit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", metavar="RUN_OR_SWEEP_DIR")
     p.add_argument("--eps", help="comma-separated radii (default: the run's eval.eps)")
     p.add_argument("--n", type=int, default=1000, help="test samples to audit (default 1000)")
     p.add_argument("--bound", default="sound", help="bound whose certificates are audited (sound or power)")
@@ -308,18 +311,69 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
-@command("audit", "attack every certificate and bound the Lipschitz constant from below", _audit_args)
+@command("audit", "attack every certificate and bound the Lipschitz constant from below (a run, or every run of a sweep)", _audit_args)
 def _audit(args: argparse.Namespace) -> int:
-    import torch
-
-    from lipmargin.audit import audit_model
-    from lipmargin.certify import model_bound
-    from lipmargin.data import input_box, load_dataset, to_float
+    from lipmargin.sweep import write_results
 
     for name in ("n", "pgd_steps", "pgd_restarts", "lobo_pairs", "lobo_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-    cfg, model, epoch, eps_items, test, device = _load_certifiable(args)
+    root = Path(args.run_dir)
+    if not (root / "sweep.json").is_file():
+        payload = _audit_one(args, root)
+        if args.json:
+            print(json.dumps(payload))
+        else:
+            _print_audit(root, payload)
+        return 1 if payload["violations"] else 0
+
+    # A sweep folder: audit each finished run not yet audited with these settings, then refresh
+    # the sweep's results tables (they gain the audit column).
+    runs = sorted(d for d in (root / "cells").glob("*/seed-*") if (d / "summary.json").is_file())
+    if not runs:
+        raise ValueError(f"{root}: a sweep folder without finished runs; run `lipmargin sweep` first")
+    violations = 0
+    for run in runs:
+        previous = _read_json(run / "audit.json")
+        if previous is not None and previous.get("settings") == _audit_settings(args):
+            payload = previous
+        else:
+            payload = _audit_one(args, run)
+        violations += int(payload["violations"])
+        if not args.json:
+            print(f"{run.relative_to(root)}: violations {payload['violations']}, "
+                  f"tightness {payload['tightness']:.4f}, {payload['num_samples']} samples", flush=True)
+    results = write_results(root)
+    if args.json:
+        print(json.dumps({"runs": len(runs), "violations": violations, "cells": [
+            {"params": c["params"], "audit": c.get("audit")} for c in results["cells"]]}))
+    else:
+        print(f"violations: {violations} over {len(runs)} runs; tables: {root / 'results.md'}")
+    return 1 if violations else 0
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _audit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("eps", "n", "bound", "pgd_steps", "pgd_restarts", "lobo_pairs", "lobo_steps", "lobo_lr", "autoattack", "seed")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _audit_one(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """Audit one run folder and write its ``audit.json``; returns the payload."""
+    import torch
+
+    from lipmargin.audit import audit_model
+    from lipmargin.checkpoint import atomic_write_text
+    from lipmargin.certify import model_bound
+    from lipmargin.data import input_box, load_dataset, to_float
+
+    cfg, model, epoch, eps_items, test, device = _load_certifiable(args, run_dir=run_dir)
     train = load_dataset(cfg.data.name, cfg.data.root, "train")
     n = min(args.n, len(test))
     x = to_float(test.inputs[:n]).to(device)
@@ -349,16 +403,20 @@ def _audit(args: argparse.Namespace) -> int:
         "bound_method": args.bound,
         "attacks": result.attacks,
         "epoch": epoch,
+        "settings": _audit_settings(args),
     }
-    if args.json:
-        print(json.dumps(payload))
-    else:
-        print(f"audit of {args.run_dir} (epoch {epoch}) on {n} test samples, bound {args.bound}, attacks {', '.join(result.attacks)}")
-        for label, v in eps_items:
-            print(f"eps {label:<8} certified {result.certified_accuracy[v]:.4f}  empirical robust {result.empirical_robust_accuracy[v]:.4f}")
-        print(f"Lipschitz upper {result.lipschitz_upper:.6g}  lower (LOBO) {result.lipschitz_lower:.6g}  tightness {result.tightness:.4f}")
-        print(f"violations: {result.violations}")
-    return 1 if result.violations else 0
+    atomic_write_text(run_dir / "audit.json", json.dumps(payload, indent=1))
+    return payload
+
+
+def _print_audit(run_dir: Path, payload: dict[str, Any]) -> None:
+    print(f"audit of {run_dir} (epoch {payload['epoch']}) on {payload['num_samples']} test samples, "
+          f"bound {payload['bound_method']}, attacks {', '.join(payload['attacks'])}")
+    for label, cert in payload["certified_accuracy"].items():
+        print(f"eps {label:<8} certified {cert:.4f}  empirical robust {payload['empirical_robust_accuracy'][label]:.4f}")
+    print(f"Lipschitz upper {payload['lipschitz_upper']:.6g}  lower (LOBO) {payload['lipschitz_lower']:.6g}  "
+          f"tightness {payload['tightness']:.4f}")
+    print(f"violations: {payload['violations']}")
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
@@ -449,11 +507,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from lipmargin.checkpoint import CheckpointError
     from lipmargin.config import ConfigError
     from lipmargin.data import DatasetError
+    from lipmargin.sweep import SweepError
     from lipmargin.train import TrainingError
 
     # ValueError: any other invalid argument met deeper in the library (its messages name the
     # argument); OSError: a folder that cannot be written, a full disk.
-    return (ConfigError, DatasetError, CheckpointError, TrainingError, ValueError, OSError)
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, SweepError, ValueError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,10 @@ import io
 import itertools
 import json
 import math
+import multiprocessing as mp
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ from lipmargin.checkpoint import atomic_write_text, latest_checkpoint
 from lipmargin.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict
 from lipmargin.train import eps_key, fit
 
-__all__ = ["parse_grid", "expand_grid", "cell_name", "run_sweep", "aggregate", "mean_std"]
+__all__ = ["parse_grid", "expand_grid", "cell_name", "run_sweep", "write_results", "audit_summary", "aggregate", "mean_std", "SweepError"]
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
@@ -88,10 +91,17 @@ def run_sweep(
     out_dir: str | Path,
     *,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Train every (cell, seed) into ``out_dir`` and write the results tables; returns results."""
+    """Train every (cell, seed) into ``out_dir`` and write the results tables; returns results.
+
+    ``jobs`` > 1 trains that many runs at once in separate processes (on one GPU they share it; with
+    several visible GPUs they are spread over them).
+    """
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1; got {seeds}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1; got {jobs}")
     out = Path(out_dir)
     emit = on_event or (lambda event: None)
     base_cfg = config_from_dict(base)
@@ -119,20 +129,45 @@ def run_sweep(
             cfg = config_from_dict(values)
             plan.append((params, seed, cfg, out / "cells" / cell_name(params) / f"seed-{seed}"))
 
+    todo: list[tuple[dict[str, Any], RunConfig, Path, bool]] = []
     for i, (params, seed, cfg, run_dir) in enumerate(plan):
         event = {"event": "run", "index": i + 1, "total": len(plan), "params": params, "seed": seed, "run_dir": str(run_dir)}
         if (run_dir / "summary.json").exists():
             emit({**event, "status": "done"})
             continue
         resume = latest_checkpoint(run_dir / "checkpoints") is not None
-        emit({**event, "status": "resume" if resume else "start"})
-        fit(cfg, run_dir, resume=resume)
+        todo.append((event, cfg, run_dir, resume))
+    if jobs == 1:
+        for event, cfg, run_dir, resume in todo:
+            emit({**event, "status": "resume" if resume else "start"})
+            fit(cfg, run_dir, resume=resume)
+    else:
+        _run_parallel(todo, jobs, emit)
+    return write_results(out)
 
+
+def write_results(out_dir: str | Path) -> dict[str, Any]:
+    """(Re)write ``results.{json,csv,md}`` of a finished sweep from its runs' ``summary.json``.
+
+    Runs audited by ``lipmargin audit`` (an ``audit.json`` beside the summary) add an ``audit``
+    entry per cell: how many of its runs were audited, their violations and their worst tightness.
+    """
+    out = Path(out_dir)
+    spec = json.loads((out / "sweep.json").read_text())
+    grid, seed_list = spec["grid"], spec["seeds"]
+    base_cfg = config_from_dict(spec["base"])
     cells = []
     for params in expand_grid(grid):
         runs = [out / "cells" / cell_name(params) / f"seed-{s}" for s in seed_list]
+        missing = [str(r) for r in runs if not (r / "summary.json").exists()]
+        if missing:
+            raise ConfigError(f"{out}: unfinished runs, re-run the sweep to finish them: {', '.join(missing)}")
         summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
-        cells.append({"params": params, "runs": [str(r.relative_to(out)) for r in runs], **aggregate(summaries)})
+        cell = {"params": params, "runs": [str(r.relative_to(out)) for r in runs], **aggregate(summaries)}
+        audits = [json.loads((r / "audit.json").read_text()) for r in runs if (r / "audit.json").exists()]
+        if audits:
+            cell["audit"] = audit_summary(audits)
+        cells.append(cell)
     results = {
         "grid": grid,
         "seeds": seed_list,
@@ -145,13 +180,87 @@ def run_sweep(
     return results
 
 
+def audit_summary(audits: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the ``audit.json`` payloads of a cell's runs."""
+    return {
+        "runs": len(audits),
+        "violations": sum(int(a["violations"]) for a in audits),
+        "samples_per_run": min(int(a["num_samples"]) for a in audits),
+        "bound_method": sorted({a["bound_method"] for a in audits}),
+        "tightness_max": max(float(a["tightness"]) for a in audits),
+        "attacks": sorted({x for a in audits for x in a["attacks"]}),
+    }
+
+
+def _run_parallel(
+    todo: Sequence[tuple[dict[str, Any], RunConfig, Path, bool]], jobs: int, emit: Callable[[dict[str, Any]], None]
+) -> None:
+    """Train ``todo`` in ``jobs`` spawned worker processes; with several GPUs, worker k uses GPU k mod n.
+
+    A run that fails does not stop the others; the failures are raised together at the end.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--jobs > 1 cannot be combined with torchrun; run the sweep with one process per node")
+    ctx = mp.get_context("spawn")
+    devices = _visible_gpus()
+    slots = ctx.Queue()
+    for k in range(jobs):
+        slots.put(devices[k % len(devices)] if devices else None)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    failures: list[str] = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(slots, threads)) as pool:
+        futures = {}
+        for event, cfg, run_dir, resume in todo:
+            emit({**event, "status": "resume" if resume else "start"})
+            futures[pool.submit(_worker_fit, cfg, str(run_dir), resume)] = event
+        for future in as_completed(futures):
+            event = futures[future]
+            try:
+                future.result()
+            except Exception as e:  # noqa: BLE001 - reported with the run it belongs to
+                failures.append(f"{event['run_dir']}: {type(e).__name__}: {e}")
+                emit({**event, "status": "failed", "error": str(e)})
+            else:
+                emit({**event, "status": "finished"})
+    if failures:
+        raise SweepError(f"{len(failures)} of {len(todo)} runs failed: " + "; ".join(failures))
+
+
+class SweepError(RuntimeError):
+    """Some runs of a parallel sweep failed; the message names each."""
+
+
+def _visible_gpus() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [d.strip() for d in listed.split(",") if d.strip()] if listed else []
+    count = torch.cuda.device_count()
+    return names[:count] if names else [str(i) for i in range(count)]
+
+
+def _worker_init(slots: Any, threads: int) -> None:
+    import torch
+
+    device = slots.get()
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device  # before this process touches CUDA
+    torch.set_num_threads(threads)
+
+
+def _worker_fit(cfg: RunConfig, run_dir: str, resume: bool) -> None:
+    fit(cfg, run_dir, resume=resume)
+
+
 def results_csv(results: dict[str, Any]) -> str:
     keys = list(results["grid"])
     eps = results["eval_eps"]
     header = keys + ["n", "clean_mean", "clean_std"]
     for e in eps:
         header += [f"cra_{e}_mean", f"cra_{e}_std"]
-    header += ["lipschitz_mean", "lipschitz_std"]
+    header += ["lipschitz_mean", "lipschitz_std", "audited_runs", "audit_violations"]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
@@ -160,6 +269,7 @@ def results_csv(results: dict[str, Any]) -> str:
         for e in eps:
             row += [c["certified_accuracy"][e]["mean"], c["certified_accuracy"][e]["std"]]
         row += [c["lipschitz"]["mean"], c["lipschitz"]["std"]]
+        row += [c["audit"]["runs"], c["audit"]["violations"]] if "audit" in c else [0, ""]
         writer.writerow(row)
     return buf.getvalue()
 
@@ -171,11 +281,15 @@ def _pm(stat: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
 def results_markdown(results: dict[str, Any]) -> str:
     keys = list(results["grid"])
     eps = results["eval_eps"]
-    head = keys + ["seeds", "clean %"] + [f"CRA@{e} %" for e in eps] + ["Lipschitz"]
+    audited = any("audit" in c for c in results["cells"])
+    head = keys + ["seeds", "clean %"] + [f"CRA@{e} %" for e in eps] + ["Lipschitz"] + (["audit violations"] if audited else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in results["cells"]:
         cols = [str(c["params"][k]) for k in keys] + [str(c["n"]), _pm(c["clean_accuracy"])]
         cols += [_pm(c["certified_accuracy"][e]) for e in eps]
         cols.append(f"{c['lipschitz']['mean']:.4g} ± {c['lipschitz']['std']:.2g}")
+        if audited:
+            a = c.get("audit")
+            cols.append(f"{a['violations']} ({a['runs']}/{c['n']} runs, {a['samples_per_run']} samples each)" if a else "not audited")
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
