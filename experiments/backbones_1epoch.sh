@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 5 acceptance: every registered model trains one epoch on Fashion-MNIST and its sound
-# certificates are audited (`violations: 0`).  Usage: experiments/backbones_1epoch.sh OUT [PARALLEL]
+# certificates are audited (`violations: 0`).  Usage: [MODELS="..."] experiments/backbones_1epoch.sh OUT [PARALLEL]
 # The default preset (digits-cll) trains in float64; the runs here use float32 so that the
 # XL backbones (180M / 360M parameters) fit a 10-minute GPU slot.  Big models get a smaller audit.
 set -uo pipefail
@@ -21,4 +21,6 @@ one() {
   echo "$m: audit exit $?, $(( $(date +%s) - start )) s; $(grep -h 'violations' "$out/$m.audit.log")"
 }
 export -f one
-$lm models | awk '{print $1}' | xargs -P "$parallel" -I{} bash -c 'one "$@"' _ {} "$out" "$lm"
+# MODELS="a b c" restricts the run to those models, in that order.
+models=${MODELS:-$($lm models | awk '{print $1}')}
+printf '%s\n' $models | xargs -P "$parallel" -I{} bash -c 'one "$@"' _ {} "$out" "$lm"
