@@ -24,7 +24,7 @@ net's):
   own window (a 1-Lipschitz map) and the windows are disjoint (stride = kernel).
 - ``padding="same"`` (3x3, stride 1) becomes the equivalent explicit ``padding=1``.
 
-    python benchmarks/peer_deel_torchlip.py [--epochs 2] [--batch-size 128] [--no-record]
+    python benchmarks/peer_deel_torchlip.py [--epochs 2] [--batch-size 128] [--audit N] [--no-record]
 """
 
 from __future__ import annotations
@@ -261,12 +261,27 @@ def certify_row(model: LipschitzNet, test_batches: list[tuple[Tensor, Tensor]]) 
     }
 
 
+def audit_row(model: LipschitzNet, bound: object, test_batches: list[tuple[Tensor, Tensor]], train: object, n: int) -> dict[str, object]:
+    """`lipmargin audit` of the first ``n`` test images (PGD at every radius and at each own radius, LOBO)."""
+    from lipmargin.audit import audit_model
+    from lipmargin.data import to_float
+
+    x = torch.cat([b[0] for b in test_batches])[:n]
+    y = torch.cat([b[1] for b in test_batches])[:n]
+    lobo = to_float(train.inputs[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:200]])
+    res = audit_model(model.cpu(), x.cpu(), y.cpu(), list(EPS), lobo_inputs=lobo, bound=bound, pgd_steps=20,
+                      pgd_restarts=2, lobo_pairs=100, lobo_steps=50, clamp=(0.0, 1.0))
+    return {"audit_samples": res.num_samples, "audit_violations": res.violations, "audit_tightness": res.tightness}
+
+
 def figure(name: str, r: dict[str, object], extra: str = "") -> str:
     cra = ", ".join(f"{n} {r[f'cra_{n}']:.3f}" for n in EPS_NAMES)
     return (
         f"{name}: clean {r['clean_accuracy']:.3f}; sound CRA {cra}; sound Lip(f_i-f_j) {r['sound_lipschitz']:.3f}"
         f"{extra}; {r['num_parameters']} params, {r['epochs']} ep x batch {r['batch_size']}, "
         f"train {r['train_seconds']:.0f} s"
+        + (f"; audit ({r['audit_samples']} test images): violations {r['audit_violations']}, tightness {r['audit_tightness']:.3f}"
+           if "audit_violations" in r else "")
     )
 
 
@@ -287,6 +302,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip", choices=["deel", "lipmargin"], default=None)
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--audit", type=int, default=0, help="also audit the certificates of the first N test images (0: no audit)")
     args = ap.parse_args()
     device = torch.device(args.device)
     deel_version = metadata.version("deel-torchlip")
@@ -352,6 +368,8 @@ def main() -> None:
         )
         extra = (f" (feature {bound.feature:.4f}, claimed 1); peer's own (top1-top2)/2 CRA "
                  + ", ".join(f"{n} {claimed_cra[n]:.3f}" for n in EPS_NAMES))
+        if args.audit:
+            r.update(audit_row(converted, bound, test_batches, train, args.audit))
         rows.append(("deel-torchlip HKR", r, extra))
 
     if args.skip != "lipmargin":
@@ -385,6 +403,8 @@ def main() -> None:
             epochs=args.epochs, batch_size=args.batch_size, train_seconds=summary["train_seconds"],
             empirical_pair_ratio=checks["pair_ratio"], empirical_grad_ratio=checks["grad_ratio"],
         )
+        if args.audit:
+            r.update(audit_row(model, bound, test_batches, train, args.audit))
         rows.append(("lipmargin CLL", r, ""))
 
     for name, r, extra in rows:

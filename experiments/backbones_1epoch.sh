@@ -14,6 +14,8 @@ one() {
     cpl-xl|sll-xl|lipconvnet-*) audit=(--n 200 --pgd-steps 20 --pgd-restarts 1 --lobo-pairs 50 --lobo-steps 50) ;;
     *) audit=(--n 1000) ;;
   esac
+  # AUDIT_ARGS="..." replaces the audit settings (e.g. a smaller audit on a CPU).
+  if [ -n "${AUDIT_ARGS:-}" ]; then read -r -a audit <<< "$AUDIT_ARGS"; fi
   start=$(date +%s)
   $lm --threads 2 train --set model.name="$m" --set data.name=fashion-mnist --set train.epochs=1 \
       --set train.precision=fp32 --out "$out/$m" --quiet > "$out/$m.train.log" 2>&1 || { echo "$m: train failed"; tail -3 "$out/$m.train.log"; return; }
@@ -21,6 +23,7 @@ one() {
   echo "$m: audit exit $?, $(( $(date +%s) - start )) s; $(grep -h 'violations' "$out/$m.audit.log")"
 }
 export -f one
+export AUDIT_ARGS
 # MODELS="a b c" restricts the run to those models, in that order.
 models=${MODELS:-$($lm models | awk '{print $1}')}
 printf '%s\n' $models | xargs -P "$parallel" -I{} bash -c 'one "$@"' _ {} "$out" "$lm"

@@ -1,0 +1,131 @@
+"""Print the markdown tables of docs/results.md from the summaries committed under docs/results/.
+
+    python experiments/tables.py [docs/results]
+
+Every number comes from a sweep's results.json (mean ± sample std over seeds) or from a run's
+summary.json / audit.json; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from lipmargin.losses import cll_sigma
+
+RADII = ["0.141177", "0.282353", "0.423529", "0.5", "1"]
+RADII_LABEL = ["36/255", "72/255", "108/255", "0.5", "1.0"]
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def pm(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def audit_text(cell: dict) -> str:
+    a = cell.get("audit")
+    if not a:
+        return "**not audited**"
+    return f"{a['violations']} ({a['runs']}/{cell['n']} runs × {a['samples_per_run']})"
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmnist(root: Path) -> None:
+    choice = load(root / "p_choice.json")
+    pval = load(root / "pval" / "results.json")
+    rows = []
+    for c in pval["cells"]:
+        eps, p = c["params"]["loss.eps"], c["params"]["loss.p"]
+        key = choice[str(eps)]["radius"]
+        chosen = "**chosen**" if choice[str(eps)]["p"] == p else ""
+        rows.append([str(eps), str(p), pm(c["clean_accuracy"]), f"{key}: {pm(c['certified_accuracy'][key])}",
+                     f"{c['lipschitz']['mean']:.1f}", chosen])
+    print("### Validation sweep for CLL's p (54,000 train / 6,000 held-out validation images, 1 seed)\n")
+    print(table(["train eps", "p", "val clean %", "val CRA % at radius", "K (sound)", ""], rows))
+    print()
+    cells = {
+        0.15: [("CLL", load(root / "cll-eps0.15" / "results.json")["cells"][0], f"p {choice['0.15']['p']}")],
+        0.5: [("CLL", load(root / "cll-eps0.5" / "results.json")["cells"][0], f"p {choice['0.5']['p']}")],
+    }
+    gloro = load(root / "gloro" / "results.json")["cells"]
+    ce = load(root / "ce" / "results.json")["cells"][0]
+    for c in gloro:
+        cells[c["params"]["loss.eps"]].append(("GloRo", c, "annealed eps"))
+    for eps in cells:
+        cells[eps].append(("CE + λK²", ce, "λ 1e-3, no eps"))
+    for eps, entries in cells.items():
+        print(f"### Trained at eps {eps} (test set, 10,000 images, sound bounds; mean ± std over 3 seeds)\n")
+        rows = []
+        for name, c, note in entries:
+            rows.append([name, note, pm(c["clean_accuracy"])] + [pm(c["certified_accuracy"][r]) for r in RADII]
+                        + [f"{c['lipschitz']['mean']:.1f} ± {c['lipschitz']['std']:.1f}", audit_text(c)])
+        a, b = entries[0][1], entries[1][1]
+        diff = ["**CLL − GloRo**", "difference of means ± √(s₁²+s₂²)"]
+        for get in [lambda c: c["clean_accuracy"]] + [lambda c, r=r: c["certified_accuracy"][r] for r in RADII]:
+            sa, sb = get(a), get(b)
+            diff.append(f"{(sa['mean'] - sb['mean']) * 100:+.1f} ± {math.hypot(sa['std'], sb['std']) * 100:.1f}")
+        rows.append(diff + ["", ""])
+        print(table(["loss", "setting", "clean %"] + [f"CRA@{r} %" for r in RADII_LABEL] + ["K (sound)", "audit violations"], rows))
+        print()
+
+
+def moons(root: Path) -> None:
+    paper_k = {0.75: 3.4, 0.25: 13.0, 0.01: 35.3, 0.0001: 66.0}
+    paper_cra = {0.75: 90.2, 0.25: 98.8, 0.01: 99.7, 0.0001: 99.9}
+    rows = []
+    for c in load(root / "results.json")["cells"]:
+        p = c["params"]["loss.p"]
+        rows.append([str(p), f"{1 / cll_sigma(0.15, p):.1f}", f"{paper_k[p]}",
+                     f"{c['lipschitz']['mean']:.0f} ± {c['lipschitz']['std']:.0f}", pm(c["clean_accuracy"]),
+                     pm(c["certified_accuracy"]["0.15"]), f"{paper_cra[p]}", audit_text(c)])
+    print("### Two moons, CLL eps 0.15 (20,000 test points; mean ± std over 3 seeds)\n")
+    print(table(["p", "1/σ (calibrated K)", "paper K^(h∘f)", "trained K of f (sound)", "clean %", "CRA@0.15 %",
+                 "paper CRA %", "audit violations"], rows))
+    print()
+
+
+def digits(cll: Path, gloro: Path) -> None:
+    rows = []
+    for name, root in (("CLL (p 0.01)", cll), ("GloRo", gloro)):
+        c = load(root / "results.json")["cells"][0]
+        rows.append([name, pm(c["clean_accuracy"])] + [pm(c["certified_accuracy"][r]) for r in RADII]
+                    + [f"{c['lipschitz']['mean']:.1f} ± {c['lipschitz']['std']:.1f}", audit_text(c)])
+    print("### Digits (8x8, 2C2F, eps 0.5, 60 epochs, float64; 360 test images; mean ± std over 3 seeds)\n")
+    print(table(["loss", "clean %"] + [f"CRA@{r} %" for r in RADII_LABEL] + ["K (sound)", "audit violations"], rows))
+    print()
+
+
+def backbones(root: Path) -> None:
+    rows = []
+    for run in sorted(d for d in root.iterdir() if d.is_dir()):
+        s = load(run / "summary.json")
+        audit = run / "audit.json"
+        a = load(audit) if audit.is_file() else None
+        rows.append([run.name, f"{s['num_parameters']:,}", f"{s['clean_accuracy'] * 100:.1f}",
+                     f"{s['certified_accuracy']['0.141177'] * 100:.1f}", f"{s['lipschitz']:.3g}",
+                     f"{a['violations']} ({a['num_samples']} images, tightness {a['tightness']:.2f})" if a else "**not audited**"])
+    print("### Every registered model, one epoch on Fashion-MNIST\n")
+    print(table(["model", "parameters", "clean %", "CRA@36/255 %", "K (sound)", "audit violations"], rows))
+    print()
+
+
+def main() -> None:
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results")
+    fmnist(root / "fmnist")
+    moons(root / "moons-slack")
+    digits(root / "digits-cll", root / "digits-gloro")
+    backbones(root / "backbones-1epoch")
+
+
+if __name__ == "__main__":
+    main()
