@@ -8,6 +8,7 @@ checkpoint) print one line to stderr and return 2; ``--debug`` shows the traceba
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -179,6 +180,14 @@ def _certify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, root: str | None, split: str) -> Any:
+    """A dataset split, loaded once per process (a sweep audit reads the same data for every run)."""
+    from lipmargin.data import load_dataset
+
+    return load_dataset(name, root, split)
+
+
 def _load_certifiable(
     args: argparse.Namespace, split: str = "test", run_dir: str | Path | None = None
 ) -> tuple[Any, Any, int, list[tuple[str, float]], Any, Any]:
@@ -187,7 +196,6 @@ def _load_certifiable(
     Returns ``(cfg, model, epoch, eps_items, dataset, device)``; bad input raises ValueError (exit 2).
     """
     from lipmargin.certify import BOUND_METHODS
-    from lipmargin.data import load_dataset
     from lipmargin.train import eps_key, load_run, resolve_device
 
     if args.bound not in BOUND_METHODS:
@@ -197,7 +205,7 @@ def _load_certifiable(
     cfg, model, epoch = load_run(args.run_dir if run_dir is None else run_dir, device)
     if eps_items is None:
         eps_items = [(eps_key(e), e) for e in cfg.eval.eps]
-    ds = load_dataset(cfg.data.name, cfg.data.root, split)
+    ds = _dataset(cfg.data.name, cfg.data.root, split)
     if ds.in_shape != model.in_shape:
         raise ValueError(f"dataset {cfg.data.name} has inputs of shape {ds.in_shape} but the model expects {model.in_shape}")
     return cfg, model, epoch, eps_items, ds, device
@@ -371,10 +379,10 @@ def _audit_one(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     from lipmargin.audit import audit_model
     from lipmargin.checkpoint import atomic_write_text
     from lipmargin.certify import model_bound
-    from lipmargin.data import input_box, load_dataset, to_float
+    from lipmargin.data import input_box, to_float
 
     cfg, model, epoch, eps_items, test, device = _load_certifiable(args, run_dir=run_dir)
-    train = load_dataset(cfg.data.name, cfg.data.root, "train")
+    train = _dataset(cfg.data.name, cfg.data.root, "train")
     n = min(args.n, len(test))
     x = to_float(test.inputs[:n]).to(device)
     y = test.labels[:n].to(device)
