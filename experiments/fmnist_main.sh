@@ -7,11 +7,14 @@
 #   experiments/fmnist_main.sh OUT cll    CLL at eps 0.15 and 0.5 with the chosen p (reads OUT/p_choice.json)
 #   experiments/fmnist_main.sh OUT gloro  GloRo at eps 0.15 and 0.5
 #   experiments/fmnist_main.sh OUT ce     CE + Lipschitz penalty (no training eps)
+#   experiments/fmnist_main.sh OUT backbone  CLL on a 1-Lipschitz backbone (BACKBONE, default aol-s) at eps 0.5
+#                                         with the 4C3F's chosen p (reads OUT/p_choice.json)
 #
-# Environment: EPOCHS (6), MILESTONES ([4,5]), JOBS (2: runs trained at once), LIPMARGIN (lipmargin).
+# Environment: EPOCHS (6), MILESTONES ([4,5]), JOBS (2: runs trained at once), LIPMARGIN (lipmargin),
+# BACKBONE (aol-s; its preset fmnist-BACKBONE-cll must exist).
 set -euo pipefail
-out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|ce}
-stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|ce}
+out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|ce|backbone}
+stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|ce|backbone}
 lm=${LIPMARGIN:-lipmargin}
 epochs=${EPOCHS:-6}; milestones=${MILESTONES:-[4,5]}; jobs=${JOBS:-2}
 common=(--set train.epochs="$epochs" --set optim.milestones="$milestones" --set train.batch_size=256 --set eval.every=0)
@@ -54,5 +57,12 @@ PY
     $lm sweep --preset fmnist-4c3f-ce "${common[@]}" --seeds 3 --jobs "$jobs" --out "$out/ce" --quiet
     $lm audit "$out/ce" "${audit[@]}"
     ;;
-  *) echo "unknown stage $stage (pval, cll, gloro, ce)" >&2; exit 2 ;;
+  backbone)
+    bb=${BACKBONE:-aol-s}
+    p=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['0.5']['p'])" "$out/p_choice.json")
+    $lm sweep --preset "fmnist-$bb-cll" "${common[@]}" --set loss.eps=0.5 --set loss.p="$p" \
+      --seeds 3 --jobs "$jobs" --out "$out/$bb-cll-eps0.5" --quiet
+    $lm audit "$out/$bb-cll-eps0.5" "${audit[@]}"
+    ;;
+  *) echo "unknown stage $stage (pval, cll, gloro, ce, backbone)" >&2; exit 2 ;;
 esac
