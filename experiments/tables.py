@@ -63,6 +63,13 @@ def fmnist(root: Path) -> None:
         cells[c["params"]["loss.eps"]].append(("GloRo", c, "annealed eps"))
     for eps in cells:
         cells[eps].append(("CE + λK²", ce, "λ 1e-3, no eps"))
+    # CLL on 1-Lipschitz backbones (same recipe, the 4C3F's chosen p), when those sweeps exist.
+    for sweep in sorted(root.glob("*-cll-eps*")):
+        if sweep.name.startswith("cll-"):
+            continue
+        model, eps = sweep.name.split("-cll-eps")
+        cell = load(sweep / "results.json")["cells"][0]
+        cells[float(eps)].append((f"CLL on {model}", cell, f"p {choice[eps]['p']}"))
     for eps, entries in cells.items():
         print(f"### Trained at eps {eps} (test set, 10,000 images, sound bounds; mean ± std over 3 seeds)\n")
         rows = []
@@ -119,12 +126,32 @@ def backbones(root: Path) -> None:
     print()
 
 
+def peer(root: Path) -> None:
+    """The deel-torchlip comparison: one JSON line per model in each ``*.jsonl`` under ``root``."""
+    for path in sorted(root.glob("*.jsonl")):
+        rows = []
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            audit = (f"{r['audit_violations']} ({r['audit_samples']} images)" if "audit_violations" in r
+                     else "**not audited**")
+            rows.append([r["name"], f"{r['num_parameters']:,}", f"{r['clean_accuracy'] * 100:.1f}"]
+                        + [f"{r[f'cra_{n}'] * 100:.1f}" for n in ("36/255", "72/255", "108/255", "0.5", "1.0")]
+                        + [f"{r['sound_lipschitz']:.3g}", f"{r['train_seconds']:.0f}", audit])
+        r = json.loads(path.read_text().splitlines()[0])
+        print(f"### Peer: deel-torchlip ({path.stem}; {r['epochs']} epochs, batch {r['batch_size']}; {r['machine']})\n")
+        print(table(["model", "parameters", "clean %"] + [f"CRA@{r} %" for r in RADII_LABEL]
+                    + ["sound max Lip(f_i − f_j)", "train s", "audit violations"], rows))
+        print()
+
+
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results")
     fmnist(root / "fmnist")
     moons(root / "moons-slack")
     digits(root / "digits-cll", root / "digits-gloro")
     backbones(root / "backbones-1epoch")
+    if (root / "peer").is_dir():
+        peer(root / "peer")
 
 
 if __name__ == "__main__":

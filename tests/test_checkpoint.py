@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from lipmargin.checkpoint import (
     CheckpointError,
+    atomic_write_text,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -250,3 +252,17 @@ def test_run_with_a_pickled_checkpoint_is_refused_by_load_run(tmp_path: Path) ->
     with pytest.raises(CheckpointError, match="no intact checkpoint"):
         load_run(run)
     assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_gives_the_umask_mode_not_a_private_one(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with open(tmp_path / "b.json", "w") as f:  # what a plain write gives
+            f.write("{}")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "a.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "a.json").read_text() == "{}"

@@ -29,6 +29,7 @@ __all__ = [
     "Checkpoint",
     "atomic_write_bytes",
     "atomic_write_text",
+    "default_file_mode",
     "fsync_directory",
     "save_checkpoint",
     "load_checkpoint",
@@ -49,6 +50,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); give it the mode open() would have (0666 - umask),
+        # so that checkpoints and logs are as readable as the user's other files.
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -61,6 +65,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             pass
         raise
     fsync_directory(path.parent)
+
+
+def default_file_mode() -> int:
+    """The mode a new file gets from ``open(path, "w")``: 0o666 without the process's umask."""
+    mask = os.umask(0o022)  # reading the umask means setting it; it is restored at once
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def fsync_directory(folder: Path) -> None:

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lipmargin.checkpoint import default_file_mode
+
 __all__ = [
     "DATASETS",
     "ArrayDataset",
@@ -1077,6 +1079,7 @@ def _write_tiny_cache(cache: Path, images: np.ndarray, labels: np.ndarray, wnids
             dir=cache.parent, prefix=f".{cache.stem}-", suffix=".tmp", delete=False
         ) as fh:
             tmp_name = fh.name
+            os.fchmod(fh.fileno(), default_file_mode())  # NamedTemporaryFile is private (0600)
             np.savez(fh, images=images, labels=labels, wnids=np.array(wnids))
         os.replace(tmp_name, cache)
         tmp_name = None

@@ -443,8 +443,7 @@ def _relative_differences(radius: Tensor, reference: Tensor) -> Tensor:
 def _publish(staged: Path, out: Path) -> None:
     """Move the checked file to ``out`` atomically and durably (same folder: a rename).
 
-    Not ``checkpoint.atomic_write_bytes``: its ``mkstemp`` file is private (0600), and an exported
-    model is meant to be shared, so the file keeps the mode ``torch`` / ``onnx`` created it with.
+    The file was written by ``torch`` / ``onnx`` into the staging path and keeps the mode they gave it.
     """
     with staged.open("rb+") as f:
         os.fsync(f.fileno())
