@@ -56,9 +56,21 @@ def report(name: str, result: dict[str, Any], figure: str, *, record: bool = Tru
     print(json.dumps(result))
     if not record:
         return
-    if not RESULTS.exists() or "| date |" not in RESULTS.read_text():
-        with RESULTS.open("a") as f:
-            f.write("\n## Benchmark log\n\n" + HEADER)
-    row = f"| {_dt.date.today().isoformat()} | {name} | {figure} | {machine()} | `{command()}` |\n"
-    with RESULTS.open("a") as f:
-        f.write(row)
+    row = f"| {_dt.date.today().isoformat()} | {name} | {figure} | {machine()} | `{command()}` |"
+    RESULTS.write_text(insert_log_row(RESULTS.read_text() if RESULTS.exists() else "", row))
+
+
+def insert_log_row(text: str, row: str) -> str:
+    """``text`` with ``row`` added as the last row of its benchmark-log table (created if missing).
+
+    The row goes right after the table's last line, so prose written below the table stays below it.
+    """
+    lines = text.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith("| date |"))
+    except StopIteration:
+        return text.rstrip("\n") + "\n\n## Benchmark log\n\n" + HEADER + row + "\n"
+    end = start
+    while end + 1 < len(lines) and lines[end + 1].startswith("|"):
+        end += 1
+    return "\n".join(lines[: end + 1] + [row] + lines[end + 1:]) + "\n"
