@@ -11,14 +11,14 @@
 #                                         with the 4C3F's chosen p (reads OUT/p_choice.json)
 #
 # Environment: EPOCHS (6), MILESTONES ([4,5]), JOBS (2: runs trained at once), LIPMARGIN (lipmargin),
-# BACKBONE (aol-s; its preset fmnist-BACKBONE-cll must exist).
+# BACKBONE (aol-s; its preset fmnist-BACKBONE-cll must exist), AUDIT_N (1000: test images audited per run).
 set -euo pipefail
 out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|ce|backbone}
 stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|ce|backbone}
 lm=${LIPMARGIN:-lipmargin}
 epochs=${EPOCHS:-6}; milestones=${MILESTONES:-[4,5]}; jobs=${JOBS:-2}
 common=(--set train.epochs="$epochs" --set optim.milestones="$milestones" --set train.batch_size=256 --set eval.every=0)
-audit=(--n 1000 --pgd-steps 20 --pgd-restarts 2 --lobo-pairs 200 --lobo-steps 100)
+audit=(--n "${AUDIT_N:-1000}" --pgd-steps 20 --pgd-restarts 2 --lobo-pairs 200 --lobo-steps 100)
 mkdir -p "$out"
 case $stage in
   pval)
