@@ -41,6 +41,8 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def fmnist(root: Path) -> None:
+    # "GPU" / "CPU" in the setting column: where each sweep ran (docs/results.md, Machines); the
+    # sweep folders do not record it.
     choice = load(root / "p_choice.json")
     pval = load(root / "pval" / "results.json")
     rows = []
@@ -54,22 +56,22 @@ def fmnist(root: Path) -> None:
     print(table(["train eps", "p", "val clean %", "val CRA % at radius", "K (sound)", ""], rows))
     print()
     cells = {
-        0.15: [("CLL", load(root / "cll-eps0.15" / "results.json")["cells"][0], f"p {choice['0.15']['p']}")],
-        0.5: [("CLL", load(root / "cll-eps0.5" / "results.json")["cells"][0], f"p {choice['0.5']['p']}")],
+        0.15: [("CLL", load(root / "cll-eps0.15" / "results.json")["cells"][0], f"p {choice['0.15']['p']}; GPU")],
+        0.5: [("CLL", load(root / "cll-eps0.5" / "results.json")["cells"][0], f"p {choice['0.5']['p']}; GPU")],
     }
     gloro = load(root / "gloro" / "results.json")["cells"]
     ce = load(root / "ce" / "results.json")["cells"][0]
     for c in gloro:
-        cells[c["params"]["loss.eps"]].append(("GloRo", c, "annealed eps"))
+        cells[c["params"]["loss.eps"]].append(("GloRo", c, "annealed eps; CPU"))
     for eps in cells:
-        cells[eps].append(("CE + λK²", ce, "λ 1e-3, no eps"))
+        cells[eps].append(("CE + λK²", ce, "λ 1e-3, no eps; GPU"))
     # CLL on 1-Lipschitz backbones (same recipe, the 4C3F's chosen p), when those sweeps exist.
     for sweep in sorted(root.glob("*-cll-eps*")):
         if sweep.name.startswith("cll-"):
             continue
         model, eps = sweep.name.split("-cll-eps")
         cell = load(sweep / "results.json")["cells"][0]
-        cells[float(eps)].append((f"CLL on {model}", cell, f"p {choice[eps]['p']}"))
+        cells[float(eps)].append((f"CLL on {model}", cell, f"p {choice[eps]['p']}; CPU"))
     for eps, entries in cells.items():
         print(f"### Trained at eps {eps} (test set, 10,000 images, sound bounds; mean ± std over 3 seeds)\n")
         rows = []
@@ -77,7 +79,7 @@ def fmnist(root: Path) -> None:
             rows.append([name, note, pm(c["clean_accuracy"])] + [pm(c["certified_accuracy"][r]) for r in RADII]
                         + [f"{c['lipschitz']['mean']:.1f} ± {c['lipschitz']['std']:.1f}", audit_text(c)])
         a, b = entries[0][1], entries[1][1]
-        diff = ["**CLL − GloRo**", "difference of means ± √(s₁²+s₂²)"]
+        diff = ["**CLL − GloRo** (4C3F)", "difference of means ± √(s₁²+s₂²)"]
         for get in [lambda c: c["clean_accuracy"]] + [lambda c, r=r: c["certified_accuracy"][r] for r in RADII]:
             sa, sb = get(a), get(b)
             diff.append(f"{(sa['mean'] - sb['mean']) * 100:+.1f} ± {math.hypot(sa['std'], sb['std']) * 100:.1f}")
