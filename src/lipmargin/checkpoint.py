@@ -69,8 +69,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def default_file_mode() -> int:
     """The mode a new file gets from ``open(path, "w")``: 0o666 without the process's umask."""
-    mask = os.umask(0o022)  # reading the umask means setting it; it is restored at once
-    os.umask(mask)
+    try:  # Linux reports the umask without changing it (safe next to other threads)
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)  # elsewhere, reading it means setting it; restored at once
+        os.umask(mask)
     return 0o666 & ~mask
 
 
