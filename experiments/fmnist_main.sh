@@ -18,6 +18,8 @@ stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|ce|backbone}
 lm=${LIPMARGIN:-lipmargin}
 epochs=${EPOCHS:-6}; milestones=${MILESTONES:-[4,5]}; jobs=${JOBS:-2}
 common=(--set train.epochs="$epochs" --set optim.milestones="$milestones" --set train.batch_size=256 --set eval.every=0)
+# The p chosen by the pval stage for training eps $1.
+chosen_p() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]['p'])" "$out/p_choice.json" "$1"; }
 audit=(--n "${AUDIT_N:-1000}" --pgd-steps 20 --pgd-restarts 2 --lobo-pairs 200 --lobo-steps 100)
 mkdir -p "$out"
 case $stage in
@@ -43,7 +45,7 @@ PY
     ;;
   cll)
     for eps in 0.15 0.5; do
-      p=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]['p'])" "$out/p_choice.json" "$eps")
+      p=$(chosen_p "$eps")
       $lm sweep --preset fmnist-4c3f-cll "${common[@]}" --set loss.eps="$eps" --set loss.p="$p" \
         --seeds 3 --jobs "$jobs" --out "$out/cll-eps$eps" --quiet
       $lm audit "$out/cll-eps$eps" "${audit[@]}"
@@ -59,7 +61,7 @@ PY
     ;;
   backbone)
     bb=${BACKBONE:-aol-s}
-    p=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['0.5']['p'])" "$out/p_choice.json")
+    p=$(chosen_p 0.5)
     $lm sweep --preset "fmnist-$bb-cll" "${common[@]}" --set loss.eps=0.5 --set loss.p="$p" \
       --seeds 3 --jobs "$jobs" --out "$out/$bb-cll-eps0.5" --quiet
     $lm audit "$out/$bb-cll-eps0.5" "${audit[@]}"

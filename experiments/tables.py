@@ -131,20 +131,19 @@ def backbones(root: Path) -> None:
 def peer(root: Path) -> None:
     """The deel-torchlip comparison: one JSON line per model in each ``*.jsonl`` under ``root``."""
     for path in sorted(root.glob("*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
         rows = []
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
+        for r in records:
             audit = (f"{r['audit_violations']} ({r['audit_samples']} images)" if "audit_violations" in r
                      else "**not audited**")
             rows.append([r["name"], f"{r['num_parameters']:,}", f"{r['clean_accuracy'] * 100:.1f}"]
-                        + [f"{r[f'cra_{n}'] * 100:.1f}" for n in ("36/255", "72/255", "108/255", "0.5", "1.0")]
+                        + [f"{r[f'cra_{label}'] * 100:.1f}" for label in RADII_LABEL]
                         + [f"{r['sound_lipschitz']:.3g}", f"{r['train_seconds']:.0f}", audit])
-        r = json.loads(path.read_text().splitlines()[0])
-        print(f"### Peer: deel-torchlip ({path.stem}; {r['epochs']} epochs, batch {r['batch_size']}; {r['machine']})\n")
-        print(table(["model", "parameters", "clean %"] + [f"CRA@{r} %" for r in RADII_LABEL]
+        first = records[0]
+        print(f"### Peer: deel-torchlip ({path.stem}; {first['epochs']} epochs, batch {first['batch_size']}; {first['machine']})\n")
+        print(table(["model", "parameters", "clean %"] + [f"CRA@{label} %" for label in RADII_LABEL]
                     + ["sound max Lip(f_i − f_j)", "train s", "audit violations"], rows))
         print()
-
 
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results")
