@@ -17,8 +17,8 @@ from lipmargin.checkpoint import CheckpointError
 from lipmargin.config import ConfigError, RunConfig, load_config
 from lipmargin.data import DatasetError, list_datasets, load_dataset
 from lipmargin.layers import GroupSort, MaxMin, Normalize
+from lipmargin.graph_estimate import FeatureBound
 from lipmargin.lipschitz import (
-    FeatureBound,
     operator_norm_bound,
     pairwise_head_norms,
     register_layer_rule,

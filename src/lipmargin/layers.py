@@ -83,5 +83,21 @@ def _normalize_constant(m: nn.Module) -> float:
     return float((1.0 / std).max()) * (1.0 + 2.0**-22)
 
 
-register_layer_rule(MaxMin, GroupSort, constant=lambda m: 1.0)
-register_layer_rule(Normalize, constant=_normalize_constant)
+def _exact(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+
+
+def _normalize_rounding(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    # (x - mean) / std: two roundings, each relative to a value bounded by (|x| + |mean|) / std.
+    from lipmargin.rounding import round_up, unit_roundoff
+
+    u = unit_roundoff(y.dtype)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    t = (x.detach().double().abs() + m.mean.double().abs().view(shape)) / m.std.double().view(shape)
+    n = t[0].numel()
+    return round_up(4 * u * t.reshape(t.shape[0], -1).norm(dim=1) * (1 + 1e-12) + 4 * float(torch.finfo(y.dtype).tiny) * n**0.5)
+
+
+# max / min of pairs and sorting only move entries: no rounding.
+register_layer_rule(MaxMin, GroupSort, constant=lambda m: 1.0, rounding=_exact)
+register_layer_rule(Normalize, constant=_normalize_constant, rounding=_normalize_rounding)

@@ -21,9 +21,11 @@ from torch import Tensor, nn
 __all__ = [
     "LAYER_RULES",
     "LayerRule",
-    "FeatureBound",
     "register_layer_rule",
     "layer_rule",
+    "find_layer_rule",
+    "supported_layers",
+    "PEER_LAYER_RULES",
     "flatten_layers",
     "linear_operator",
     "conv2d_operator",
@@ -49,7 +51,8 @@ class LayerRule:
     """How the Lipschitz constant of one kind of layer is estimated (for training) and bounded.
 
     Training uses the first that is set of ``operator`` (power iteration), ``estimate``,
-    ``constant``; certification uses ``bound`` if set, else ``constant``:
+    ``constant``, ``bound`` (a shape-dependent constant such as a pooling layer's); certification
+    uses ``bound`` if set, else ``constant``:
 
     - ``operator(module, in_shape) -> (A, A_T)``: the layer is affine; ``A`` is its linear part
       (no bias) acting on a batch of inputs shaped ``(B, *in_shape)`` and ``A_T`` its adjoint.  Its
@@ -60,42 +63,77 @@ class LayerRule:
       reshapes, fixed normalisation); it is its own sound bound.
     - ``bound(module, in_shape) -> float``: provably >= the layer's Lipschitz constant on inputs
       of ``in_shape`` (see :mod:`lipmargin.bounds`).  Required unless ``constant`` is set.
+    - ``rounding(module, x, y) -> Tensor``: per-sample ``(B,)`` bound on the L2 norm of the
+      rounding error the layer itself adds when ``y = module(x)`` is evaluated in ``x.dtype``
+      (see :mod:`lipmargin.graph`); ``None`` means the layer has no proven rule and a documented
+      generous model is used instead.
     """
 
     operator: Callable[[nn.Module, tuple[int, ...]], tuple[Operator, Operator]] | None = None
     estimate: Callable[[nn.Module], Tensor] | None = None
     constant: Callable[[nn.Module], float] | None = None
     bound: Callable[[nn.Module, tuple[int, ...]], float] | None = None
+    rounding: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None
 
 
-#: Registry of layer rules, filled by :func:`register_layer_rule`.  Look-ups walk the MRO, so a
-#: subclass of a registered layer inherits its rule unless it registers its own.
+#: Registry of layer rules, filled by :func:`register_layer_rule`.  Look-ups use the EXACT type: a
+#: subclass may override ``forward``, so it never inherits its parent's rule (it is traced through
+#: its own ``forward`` by :mod:`lipmargin.graph`, or refused).
 LAYER_RULES: dict[type, LayerRule] = {}
 
+#: Rules for layers of other libraries, keyed by ``"module.QualName"`` of the exact class, so that
+#: lipmargin can certify their models without importing them.
+PEER_LAYER_RULES: dict[str, LayerRule] = {}
 
-def register_layer_rule(*types: type, **rule_fields: Callable) -> LayerRule:
+
+def _class_key(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_layer_rule(*types: type | str, override: bool = False, **rule_fields: Callable) -> LayerRule:
     """Register a :class:`LayerRule` built from ``rule_fields`` for each of ``types``.
+
+    A type may also be given as the string ``"package.module.ClassName"`` (a peer library's layer,
+    matched exactly without importing it).  Registering a type that already has a rule raises
+    ``ValueError`` unless ``override=True``, so an import can never silently replace the rule of a
+    built-in layer.
 
     Example: ``register_layer_rule(nn.ReLU, constant=lambda m: 1.0)``.
     """
     if not types:
         raise ValueError("register_layer_rule needs at least one layer type")
+    for t in types:
+        key = t if isinstance(t, str) else _class_key(t)
+        if not override and (t in LAYER_RULES or key in PEER_LAYER_RULES):
+            raise ValueError(f"a Lipschitz rule for {key} is already registered; pass override=True to replace it")
     rule = LayerRule(**rule_fields)
-    if rule.operator is None and rule.estimate is None and rule.constant is None:
-        raise ValueError("a layer rule needs one of 'operator', 'estimate' or 'constant' for training")
     if rule.constant is None and rule.bound is None:
         raise ValueError("a layer rule needs a sound 'bound' unless it has a proven 'constant'")
     for t in types:
-        LAYER_RULES[t] = rule
+        if isinstance(t, str):
+            PEER_LAYER_RULES[t] = rule
+        else:
+            LAYER_RULES[t] = rule
     return rule
 
 
+def find_layer_rule(module: nn.Module) -> LayerRule | None:
+    """The rule registered for ``type(module)`` exactly, or ``None``."""
+    cls = type(module)
+    rule = LAYER_RULES.get(cls)
+    return rule if rule is not None else PEER_LAYER_RULES.get(_class_key(cls))
+
+
+def supported_layers() -> list[str]:
+    return sorted({t.__name__ for t in LAYER_RULES} | {k.rsplit(".", 1)[-1] + f" ({k})" for k in PEER_LAYER_RULES})
+
+
 def layer_rule(module: nn.Module) -> LayerRule:
-    """The rule for ``module``; ``TypeError`` naming the module if none is registered."""
-    for cls in type(module).__mro__:
-        if cls in LAYER_RULES:
-            return LAYER_RULES[cls]
-    supported = ", ".join(sorted(t.__name__ for t in LAYER_RULES))
+    """The rule for ``module``'s exact type; ``TypeError`` naming the module if none is registered."""
+    rule = find_layer_rule(module)
+    if rule is not None:
+        return rule
+    supported = ", ".join(supported_layers())
     raise TypeError(
         f"no Lipschitz rule for module {type(module).__name__} ({module!r}); "
         f"supported layers: {supported}. Register one with lipmargin.register_layer_rule."
@@ -103,10 +141,14 @@ def layer_rule(module: nn.Module) -> LayerRule:
 
 
 def flatten_layers(modules: Iterable[nn.Module]) -> list[nn.Module]:
-    """Unroll nested ``nn.Sequential`` containers into a flat list of layers."""
+    """Unroll nested ``nn.Sequential`` containers into a flat list of layers.
+
+    Only containers of the exact type ``nn.Sequential`` are unrolled: a subclass may override
+    ``forward`` (a skip connection, say), so it stays one layer and needs its own rule.
+    """
     flat: list[nn.Module] = []
     for m in modules:
-        if isinstance(m, nn.Sequential):
+        if type(m) is nn.Sequential:
             flat.extend(flatten_layers(m))
         else:
             flat.append(m)
@@ -258,11 +300,7 @@ def _linear_bound(m: nn.Module, in_shape: tuple[int, ...]) -> float:
     return linear_norm_bound(m.weight.detach())  # type: ignore[arg-type]
 
 
-register_layer_rule(nn.Linear, operator=lambda m, s: linear_operator(m.weight), bound=_linear_bound)
-register_layer_rule(nn.Conv2d, operator=_conv_op, bound=_conv_bound)
-# ReLU is 1-Lipschitz (|max(a,0) - max(b,0)| <= |a - b| per coordinate); Flatten, Identity and
-# Dropout in eval mode are isometries or the identity.
-register_layer_rule(nn.ReLU, nn.Flatten, nn.Identity, constant=lambda m: 1.0)
+# The rules of torch's own layers are registered in lipmargin.torch_layers.
 
 
 def operator_norm_bound(layer: nn.Module, input_shape: Sequence[int]) -> float:
@@ -302,114 +340,6 @@ def pairwise_head_norms_bound(weight: Tensor) -> Tensor:
     return d * (1.0 + ROUNDING_MARGIN)
 
 
-# --------------------------------------------------------------------------------------------
-# The feature-extractor bound with persistent power-iteration vectors
-# --------------------------------------------------------------------------------------------
-
-
-class FeatureBound(nn.Module):
-    """Persistent power-iteration state for the layers of a feature extractor.
-
-    Holds one buffer per affine layer, shaped like that layer's real input with batch size 1, and
-    nothing else: the layers themselves are owned by the model and referenced here without being
-    registered (so their parameters are not duplicated in ``state_dict``).
-
-    ``forward(n_iter)`` advances the vectors by ``n_iter`` steps (under ``no_grad``, in training
-    mode only) and returns ``(K, sigmas)`` where ``sigmas`` are ``||A v|| / ||v||`` computed with the
-    vectors detached, so gradients reach the weights.  ``K`` is an estimate (from below).
-    """
-
-    def __init__(self, layers: Sequence[nn.Module], in_shape: Sequence[int]) -> None:
-        super().__init__()
-        self._layers = list(layers)  # not registered: owned by the model
-        self.in_shape = tuple(int(s) for s in in_shape)
-        self.input_shapes: list[tuple[int, ...]] = []
-        self._vector_names: list[str | None] = []
-        rules = [layer_rule(m) for m in self._layers]  # TypeError for an unknown layer, up front
-        self._rules = rules
-        x = torch.zeros(1, *self.in_shape)
-        with torch.no_grad():
-            for i, (m, rule) in enumerate(zip(self._layers, rules)):
-                shape = tuple(x.shape[1:])
-                self.input_shapes.append(shape)
-                if rule.operator is not None:
-                    name = f"v{i}"
-                    p = next(m.parameters())
-                    v = torch.randn(1, *shape, dtype=p.dtype)
-                    self.register_buffer(name, _normalize(v))
-                    self._vector_names.append(name)
-                else:
-                    self._vector_names.append(None)
-                x = _run_on_cpu_probe(m, x)
-
-    @property
-    def layers(self) -> list[nn.Module]:
-        return self._layers
-
-    def _operator(self, i: int) -> tuple[Operator, Operator]:
-        rule = self._rules[i]
-        assert rule.operator is not None
-        return rule.operator(self._layers[i], self.input_shapes[i])
-
-    def forward(self, n_iter: int = 0) -> tuple[Tensor, Tensor]:
-        sigmas: list[Tensor] = []
-        for i, (m, rule, name) in enumerate(zip(self._layers, self._rules, self._vector_names)):
-            if name is not None:
-                fwd, adj = self._operator(i)
-                v = getattr(self, name)
-                if n_iter > 0 and self.training:
-                    with torch.no_grad():
-                        v.copy_(power_iteration(fwd, adj, v, n_iter))
-                sigmas.append(operator_norm_estimate(fwd, v.detach()))
-            elif rule.estimate is not None:
-                sigmas.append(rule.estimate(m).reshape(()))
-            else:
-                assert rule.constant is not None
-                ref = self._reference_tensor()
-                sigmas.append(torch.tensor(float(rule.constant(m)), dtype=ref.dtype, device=ref.device))
-        if not sigmas:
-            ref = self._reference_tensor()
-            return torch.ones((), dtype=ref.dtype, device=ref.device), torch.ones(0)
-        stacked = torch.stack(sigmas)
-        return stacked.prod(), stacked
-
-    def _reference_tensor(self) -> Tensor:
-        for b in self.buffers():
-            return b
-        for m in self._layers:
-            for p in m.parameters():
-                return p
-        return torch.zeros(())
-
-    @torch.no_grad()
-    def converge(self, *, tol: float = 1e-9, max_iter: int = 10_000) -> Tensor:
-        """Run every power iteration to convergence in float64; returns the per-layer estimates.
-
-        The float64 vectors are written back to the buffers, so training warm-starts from them.
-        """
-        out: list[float] = []
-        for i, (m, rule, name) in enumerate(zip(self._layers, self._rules, self._vector_names)):
-            if name is not None:
-                v = getattr(self, name)
-                fwd, adj = _float64_operator(rule, m, self.input_shapes[i])
-                sigma, v64 = converge_operator_norm(fwd, adj, v.detach().to(torch.float64), tol=tol, max_iter=max_iter)
-                v.copy_(v64.to(v.dtype))
-                out.append(float(sigma))
-            elif rule.estimate is not None:
-                out.append(float(rule.estimate(m).detach().double()))
-            else:
-                assert rule.constant is not None
-                out.append(float(rule.constant(m)))
-        return torch.tensor(out, dtype=torch.float64)
-
-    @torch.no_grad()
-    def sound(self) -> Tensor:
-        """Per-layer values provably >= each layer's Lipschitz constant (float64)."""
-        return torch.tensor(
-            [operator_norm_bound(m, s) for m, s in zip(self._layers, self.input_shapes)], dtype=torch.float64
-        )
-
-
 def _float64_operator(rule: LayerRule, m: nn.Module, shape: tuple[int, ...]) -> tuple[Operator, Operator]:
     """The layer's operator with its parameters promoted to float64 (the module is not changed)."""
     assert rule.operator is not None
@@ -425,12 +355,3 @@ def _float64_operator(rule: LayerRule, m: nn.Module, shape: tuple[int, ...]) -> 
         return lambda x: op(x.to(dtype)).double()
 
     return f64(fwd), f64(adj)
-
-
-def _run_on_cpu_probe(m: nn.Module, x: Tensor) -> Tensor:
-    """Propagate a probe through ``m`` to learn the next layer's input shape."""
-    p = next(m.parameters(), None)
-    if p is not None:
-        x = x.to(device=p.device, dtype=p.dtype)
-    return m(x)
-

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from lipmargin.layers import MaxMin
-from lipmargin.lipschitz import FeatureBound, flatten_layers, pairwise_head_norms
+from lipmargin.graph_estimate import FeatureBound
+from lipmargin.lipschitz import pairwise_head_norms
 
 __all__ = [
     "LipschitzNet",
@@ -37,12 +38,13 @@ class LipschitzNet(nn.Module):
 
     def __init__(self, features: nn.Sequential, head: nn.Linear, in_shape: Sequence[int]) -> None:
         super().__init__()
-        if not isinstance(head, nn.Linear):
-            raise TypeError(f"the head of a LipschitzNet must be nn.Linear, got {type(head).__name__}")
+        if type(head) is not nn.Linear:
+            # exact type: a subclass may override forward (e.g. scale its output)
+            raise TypeError(f"the head of a LipschitzNet must be exactly nn.Linear, got {type(head).__name__}")
         self.features = features
         self.head = head
         self.in_shape = tuple(int(s) for s in in_shape)
-        self.bound = FeatureBound(flatten_layers(features), self.in_shape)
+        self.bound = FeatureBound(features, self.in_shape)
         probe = features(torch.zeros(1, *self.in_shape, dtype=head.weight.dtype))
         if probe.dim() != 2 or probe.shape[1] != head.in_features:
             raise ValueError(

@@ -1,0 +1,160 @@
+"""Power-iteration estimates of a module's Lipschitz constant over its traced graph.
+
+:class:`FeatureBound` keeps one persistent power-iteration vector per affine leaf of the traced
+module (a buffer shaped like the leaf's real input, batch 1) and composes the per-leaf values with
+the rules of :mod:`lipmargin.graph`: a plain chain gives the product of the per-layer sigmas (the
+paper's ``K``), a residual ``x + f(x)`` gives ``1 + Lip f``, and so on.  The values are
+*estimates* (a power iteration approaches a norm from below); certificates use
+:func:`lipmargin.certify.model_bound`, which composes sound per-leaf bounds over the same graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lipmargin.graph import GraphPlan, ModelStructureError, compose_estimate, compose_sound, structure_signature, trace_model
+from lipmargin.lipschitz import (
+    LayerRule,
+    _float64_operator,
+    _normalize,
+    converge_operator_norm,
+    layer_rule,
+    operator_norm_bound,
+    operator_norm_estimate,
+    power_iteration,
+)
+
+__all__ = ["FeatureBound"]
+
+
+class FeatureBound(nn.Module):
+    """Persistent power-iteration state for the leaves of a traced module.
+
+    ``module`` is an ``nn.Module`` (or a sequence of layers, applied in order); it is referenced,
+    not registered, so its parameters are not duplicated in ``state_dict``.  Buffer ``v{i}`` belongs
+    to the ``i``-th leaf (in graph order) when that leaf has a power-iteration operator.
+
+    ``forward(n_iter)`` advances the vectors by ``n_iter`` steps (under ``no_grad``, in training
+    mode only) and returns ``(K, sigmas)``: the composed estimate and the per-leaf values, computed
+    with the vectors detached so gradients reach the weights.  A module whose structure changed
+    after construction (a layer replaced or appended) raises :class:`ModelStructureError`.
+    """
+
+    def __init__(self, module: nn.Module | Sequence[nn.Module], in_shape: Sequence[int]) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            module = nn.Sequential(*module)
+        self._module = [module]  # a list: not registered as a submodule
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self._plan: GraphPlan = trace_model(module, self.in_shape, for_certificate=False)
+        self.input_shapes: list[tuple[int, ...]] = []
+        self._vector_names: list[str | None] = []
+        self._rules: list[LayerRule] = []
+        p = next(module.parameters(), None)
+        dtype = p.dtype if p is not None else torch.float32
+        for i, step in enumerate(self._plan.leaves):
+            m = self._plan.module(step)
+            rule = layer_rule(m)
+            self._rules.append(rule)
+            shape = step.in_shape or ()
+            self.input_shapes.append(shape)
+            if rule.operator is not None:
+                name = f"v{i}"
+                mp = next(m.parameters(), None)
+                v = torch.randn(1, *shape, dtype=mp.dtype if mp is not None else dtype)
+                self.register_buffer(name, _normalize(v))
+                self._vector_names.append(name)
+            else:
+                self._vector_names.append(None)
+
+    @property
+    def plan(self) -> GraphPlan:
+        return self._plan
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return [self._plan.module(s) for s in self._plan.leaves]
+
+    def _check_structure(self) -> None:
+        if structure_signature(self._module[0]) != self._plan.structure:
+            raise ModelStructureError(
+                "the model's layers changed after its Lipschitz estimator was built (a layer replaced, "
+                "added or removed); build the model again (e.g. a new LipschitzNet) so the bound sees them"
+            )
+
+    def _reference_tensor(self) -> Tensor:
+        for b in self.buffers():
+            return b
+        for p in self._module[0].parameters():
+            return p
+        return torch.zeros(())
+
+    def forward(self, n_iter: int = 0) -> tuple[Tensor, Tensor]:
+        self._check_structure()
+        ref = self._reference_tensor()
+        values: dict[str, Tensor] = {}
+        sigmas: list[Tensor] = []
+        for step, rule, name in zip(self._plan.leaves, self._rules, self._vector_names):
+            m = self._plan.module(step)
+            if name is not None:
+                assert rule.operator is not None
+                fwd, adj = rule.operator(m, step.in_shape or ())
+                v = getattr(self, name)
+                if n_iter > 0 and self.training:
+                    with torch.no_grad():
+                        v.copy_(power_iteration(fwd, adj, v, n_iter))
+                sigma = operator_norm_estimate(fwd, v.detach())
+            elif rule.estimate is not None:
+                sigma = rule.estimate(m).reshape(()).to(ref)
+            elif rule.constant is not None:
+                sigma = torch.tensor(float(rule.constant(m)), dtype=ref.dtype, device=ref.device)
+            else:  # a shape-dependent constant (pooling): its bound, fixed
+                assert rule.bound is not None
+                sigma = torch.tensor(float(rule.bound(m, step.in_shape or ())), dtype=ref.dtype, device=ref.device)
+            values[step.name] = sigma
+            sigmas.append(sigma)
+        lip = compose_estimate(self._plan, values, ref)
+        k = lip[self._plan.output]
+        return k, (torch.stack(sigmas) if sigmas else torch.ones(0))
+
+    @torch.no_grad()
+    def converge(self, *, tol: float = 1e-9, max_iter: int = 10_000) -> Tensor:
+        """Run every power iteration to convergence in float64; returns the per-leaf estimates.
+
+        The float64 vectors are written back to the buffers, so training warm-starts from them.
+        """
+        self._check_structure()
+        out: list[float] = []
+        for step, rule, name in zip(self._plan.leaves, self._rules, self._vector_names):
+            m = self._plan.module(step)
+            shape = step.in_shape or ()
+            if name is not None:
+                v = getattr(self, name)
+                fwd, adj = _float64_operator(rule, m, shape)
+                sigma, v64 = converge_operator_norm(fwd, adj, v.detach().to(torch.float64), tol=tol, max_iter=max_iter)
+                v.copy_(v64.to(v.dtype))
+                out.append(float(sigma))
+            elif rule.estimate is not None:
+                out.append(float(rule.estimate(m).detach().double()))
+            elif rule.constant is not None:
+                out.append(float(rule.constant(m)))
+            else:
+                assert rule.bound is not None
+                out.append(float(rule.bound(m, shape)))
+        return torch.tensor(out, dtype=torch.float64)
+
+    def compose(self, per_leaf: Tensor) -> float:
+        """The constant of the whole module from per-leaf values (rounded up at every step)."""
+        values = {s.name: float(v) for s, v in zip(self._plan.leaves, per_leaf.tolist())}
+        return compose_sound(self._plan, values)[self._plan.output]
+
+    @torch.no_grad()
+    def sound(self) -> Tensor:
+        """Per-leaf values provably >= each leaf's Lipschitz constant (float64)."""
+        self._check_structure()
+        return torch.tensor(
+            [operator_norm_bound(self._plan.module(s), s.in_shape or ()) for s in self._plan.leaves], dtype=torch.float64
+        )
