@@ -177,6 +177,8 @@ def trace_model(model: nn.Module, input_shape: Sequence[int], *, for_certificate
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"input_shape must be a non-empty tuple of positive sizes; got {tuple(input_shape)}")
     check_hooks(model)
+    if find_layer_rule(model) is not None:
+        model = nn.Sequential(model)  # a single layer: trace it as a leaf, not through its forward
     try:
         graph = _Tracer().trace(model)
     except TypeError:
