@@ -352,3 +352,93 @@ def test_deel_torchlip_model_certifies_without_conversion_code() -> None:
     assert_bound_holds(exported, (1, 8, 8), n_points=4, ascent_steps=10)
     # 1-Lipschitz layers: the features' bound is close to 1 (the pooling's sqrt(k^2) scaling is undone).
     assert result.bound.feature <= 1.5
+
+
+# ---- property test: random small graphs --------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ACTS = [nn.ReLU, lambda: nn.LeakyReLU(0.3), nn.Tanh, lambda: nn.ELU(1.5), nn.Sigmoid, nn.Identity]
+
+
+class RandomGraph(nn.Module):
+    """A chain of blocks drawn from a spec: plain, residual add, concat of two branches, scaled."""
+
+    def __init__(self, spec: list[tuple[str, int, float]], width: int, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.inp = nn.Linear(n_in, width)
+        self.blocks = nn.ModuleList()
+        for kind, act, _ in spec:
+            if kind == "cat":
+                self.blocks.append(nn.ModuleList([nn.Linear(width, width // 2), nn.Linear(width, width - width // 2), _ACTS[act]()]))
+            else:
+                self.blocks.append(nn.ModuleList([nn.Linear(width, width), _ACTS[act]()]))
+        self.out = nn.Linear(width, n_out)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for (kind, _, scale), block in zip(self.spec, self.blocks):
+            if kind == "plain":
+                h = block[1](block[0](h))
+            elif kind == "res":
+                h = h + block[1](block[0](h))
+            elif kind == "scale":
+                h = scale * block[1](block[0](h))
+            else:
+                h = block[2](torch.cat([block[0](h), block[1](h)], dim=1))
+        return self.out(h)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    spec=st.lists(st.tuples(st.sampled_from(["plain", "res", "cat", "scale"]), st.integers(0, len(_ACTS) - 1),
+                            st.floats(-3, 3, allow_nan=False)), min_size=1, max_size=4),
+    seed=st.integers(0, 10_000),
+)
+def test_random_graph_bounds_are_above_gradient_norms(spec: list[tuple[str, int, float]], seed: int) -> None:
+    torch.manual_seed(seed)
+    model = RandomGraph(spec, 6, 3, 3)
+    assert_bound_holds(model, (3,), n_points=8, ascent_steps=15, seed=seed)
+
+
+# ---- the CLI for a model trained anywhere (the README's example, on the digits) -----------------
+
+
+def test_cli_certifies_a_user_model_from_a_file(tmp_path, monkeypatch, capsys) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from lipmargin.cli import main
+
+    pytest.importorskip("sklearn")
+    example = Path(__file__).resolve().parents[1] / "examples" / "residual_cll.py"
+    spec = importlib.util.spec_from_file_location("residual_cll_example", example)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setenv("LIPMARGIN_EXAMPLE_SHAPE", "1,8,8")
+    torch.manual_seed(0)
+    model = mod.make_model()
+    mod.train(model, "digits", 5, batch=32)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    argv = ["certify", "--model", f"{example}:make_model", "--weights", str(weights), "--data", "digits", "--json"]
+    assert main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["sound"] and payload["num_samples"] == 360
+    # The same numbers as the Python API on the same weights.
+    from lipmargin.data import load_dataset, to_float
+
+    test = load_dataset("digits", None, "test")
+    api = certify(model.eval(), [(to_float(test.inputs), test.labels)], [36 / 255], input_shape=(1, 8, 8))
+    assert payload["clean_accuracy"] == api.clean_accuracy
+    assert payload["certified_accuracy"]["36/255"] == api.certified_accuracy[36 / 255]
+    # Bad input: one line, exit 2.
+    assert main(["certify", "--model", f"{example}:nope", "--weights", str(weights), "--data", "digits"]) == 2
+    assert "no function 'nope'" in capsys.readouterr().err
+    assert main(["certify", "--model", f"{example}:make_model", "--weights", str(weights), "--data", "digits", "--input-shape", "1,9,9"]) == 2
+    assert main(["certify"]) == 2

@@ -171,13 +171,56 @@ def _eval_radius(text: str) -> float:
     return float(text)
 
 
+def _user_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a model trained anywhere (instead of RUN_DIR)")
+    g.add_argument("--model", metavar="FILE.py:FACTORY", help="a function returning the nn.Module (maps a batch to logits)")
+    g.add_argument("--weights", metavar="FILE", help="its weights: .safetensors or a torch.save state dict")
+    g.add_argument("--data", metavar="NAME", help="registered dataset to certify on (see `lipmargin datasets`)")
+    g.add_argument("--data-root", metavar="DIR", help="the dataset's folder (default: the dataset's own)")
+    g.add_argument("--input-shape", metavar="C,H,W", help="one input's shape (default: the dataset's)")
+    g.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
+
+
+_DEFAULT_USER_EPS = "36/255,72/255,108/255"
+
+
+def _load_user_target(args: argparse.Namespace, split: str = "test") -> tuple[Any, tuple[int, ...], list[tuple[str, float]], Any, Any]:
+    """``(model, input_shape, eps_items, dataset, device)`` for ``--model``; ValueError on bad input."""
+    from lipmargin.certify import BOUND_METHODS
+    from lipmargin.train import resolve_device
+    from lipmargin.user_model import load_user_model, parse_input_shape
+
+    if getattr(args, "run_dir", None):
+        raise ValueError("give either a run folder or --model, not both")
+    if not args.data:
+        raise ValueError("--model needs --data NAME (the dataset to certify on; see `lipmargin datasets`)")
+    if args.bound not in BOUND_METHODS:
+        raise ValueError(f"--bound must be one of {', '.join(sorted(BOUND_METHODS))}; got {args.bound!r}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    eps_items = _parse_eps_list(args.eps or _DEFAULT_USER_EPS)
+    device = resolve_device(args.device)
+    ds = _dataset(args.data, args.data_root, split)
+    shape = parse_input_shape(args.input_shape) if args.input_shape else tuple(ds.in_shape)
+    if tuple(ds.in_shape) != shape:
+        raise ValueError(f"dataset {args.data} has inputs of shape {tuple(ds.in_shape)} but --input-shape is {shape}")
+    model = load_user_model(args.model, args.weights).to(device)
+    return model, shape, eps_items, ds, device
+
+
+def _require_target(args: argparse.Namespace) -> None:
+    if not args.model and not args.run_dir:
+        raise ValueError("give a run folder, or --model FILE.py:FACTORY --weights W --data NAME")
+
+
 def _certify_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", nargs="?", help="a training run folder (or use --model)")
     p.add_argument("--eps", help="comma-separated radii (default: the run's eval.eps); 36/255 works too")
     p.add_argument("--bound", default="sound", help="sound (default, provable) or power (converged power iteration)")
     p.add_argument("--split", default="test", choices=["test", "train"], help="which split to certify")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="auto")
+    _user_model_args(p)
 
 
 @functools.lru_cache(maxsize=4)
@@ -216,9 +259,15 @@ def _certify(args: argparse.Namespace) -> int:
     from lipmargin.certify import certify, model_bound
     from lipmargin.train import eval_batches
 
-    cfg, model, epoch, eps_items, ds, device = _load_certifiable(args, args.split)
-    bounds = {name: model_bound(model, name) for name in sorted({args.bound, "power", "sound"})}
-    result = certify(model, eval_batches(ds, cfg.eval.batch_size, device), [v for _, v in eps_items], bound=bounds[args.bound])
+    _require_target(args)
+    if args.model:
+        model, shape, eps_items, ds, device = _load_user_target(args, args.split)
+        epoch, batch_size, source = None, args.batch_size, args.model
+    else:
+        cfg, model, epoch, eps_items, ds, device = _load_certifiable(args, args.split)
+        shape, batch_size, source = model.in_shape, cfg.eval.batch_size, args.run_dir
+    bounds = {name: model_bound(model, name, input_shape=shape) for name in sorted({args.bound, "power", "sound"})}
+    result = certify(model, eval_batches(ds, batch_size, device), [v for _, v in eps_items], bound=bounds[args.bound])
     cert = {label: result.certified_accuracy[float(v)] for label, v in eps_items}
     payload = {
         "clean_accuracy": result.clean_accuracy,
@@ -232,10 +281,14 @@ def _certify(args: argparse.Namespace) -> int:
         "epoch": epoch,
         "split": args.split,
     }
+    if args.model:
+        payload["model"] = args.model
+        payload["weights"] = args.weights
     if args.json:
         print(json.dumps(payload))
     else:
-        print(f"run {args.run_dir} (epoch {epoch}), {result.num_samples} {args.split} samples, bound: {result.bound_method}")
+        what = f"run {source} (epoch {epoch})" if epoch is not None else f"model {source}"
+        print(f"{what}, {result.num_samples} {args.split} samples, bound: {result.bound_method}")
         print(f"clean accuracy              {result.clean_accuracy:.4f}")
         for label, acc in cert.items():
             print(f"certified accuracy @ {label:<7} {acc:.4f}")
@@ -304,7 +357,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _audit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_OR_SWEEP_DIR")
+    p.add_argument("run_dir", metavar="RUN_OR_SWEEP_DIR", nargs="?", help="a run or sweep folder (or use --model)")
     p.add_argument("--eps", help="comma-separated radii (default: the run's eval.eps)")
     p.add_argument("--n", type=int, default=1000, help="test samples to audit (default 1000)")
     p.add_argument("--bound", default="sound", help="bound whose certificates are audited (sound or power)")
@@ -317,6 +370,7 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="auto")
+    _user_model_args(p)
 
 
 @command("audit", "attack every certificate and bound the Lipschitz constant from below (a run, or every run of a sweep)", _audit_args)
@@ -326,6 +380,14 @@ def _audit(args: argparse.Namespace) -> int:
     for name in ("n", "pgd_steps", "pgd_restarts", "lobo_pairs", "lobo_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    _require_target(args)
+    if args.model:
+        payload = _audit_one(args, None)
+        if args.json:
+            print(json.dumps(payload))
+        else:
+            _print_audit(args.model, payload)
+        return 1 if payload["violations"] else 0
     root = Path(args.run_dir)
     if not (root / "sweep.json").is_file():
         payload = _audit_one(args, root)
@@ -372,8 +434,8 @@ def _audit_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
 
 
-def _audit_one(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    """Audit one run folder and write its ``audit.json``; returns the payload."""
+def _audit_one(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]:
+    """Audit one run folder and write its ``audit.json`` (or a ``--model``); returns the payload."""
     import torch
 
     from lipmargin.audit import audit_model
@@ -381,8 +443,14 @@ def _audit_one(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     from lipmargin.certify import model_bound
     from lipmargin.data import input_box, to_float
 
-    cfg, model, epoch, eps_items, test, device = _load_certifiable(args, run_dir=run_dir)
-    train = _dataset(cfg.data.name, cfg.data.root, "train")
+    if run_dir is None:
+        model, shape, eps_items, test, device = _load_user_target(args)
+        epoch = None
+        train = _dataset(args.data, args.data_root, "train")
+    else:
+        cfg, model, epoch, eps_items, test, device = _load_certifiable(args, run_dir=run_dir)
+        shape = model.in_shape
+        train = _dataset(cfg.data.name, cfg.data.root, "train")
     n = min(args.n, len(test))
     x = to_float(test.inputs[:n]).to(device)
     y = test.labels[:n].to(device)
@@ -391,7 +459,7 @@ def _audit_one(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     result = audit_model(
         model, x, y, [v for _, v in eps_items],
         lobo_inputs=to_float(train.inputs[lobo_idx]).to(device),
-        bound=model_bound(model, args.bound),
+        bound=model_bound(model, args.bound, input_shape=shape),
         pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts,
         lobo_pairs=args.lobo_pairs, lobo_steps=args.lobo_steps, lobo_lr=args.lobo_lr,
         use_autoattack=args.autoattack, clamp=input_box(test.inputs), seed=args.seed,
@@ -413,11 +481,12 @@ def _audit_one(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         "epoch": epoch,
         "settings": _audit_settings(args),
     }
-    atomic_write_text(run_dir / "audit.json", json.dumps(payload, indent=1))
+    if run_dir is not None:
+        atomic_write_text(run_dir / "audit.json", json.dumps(payload, indent=1))
     return payload
 
 
-def _print_audit(run_dir: Path, payload: dict[str, Any]) -> None:
+def _print_audit(run_dir: Path | str, payload: dict[str, Any]) -> None:
     print(f"audit of {run_dir} (epoch {payload['epoch']}) on {payload['num_samples']} test samples, "
           f"bound {payload['bound_method']}, attacks {', '.join(payload['attacks'])}")
     for label, cert in payload["certified_accuracy"].items():

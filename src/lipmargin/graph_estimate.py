@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lipmargin.graph import GraphPlan, ModelStructureError, compose_estimate, compose_sound, structure_signature, trace_model
+from lipmargin.graph import GraphPlan, ModelStructureError, compose_estimate, compose_sound, pairwise_estimate, structure_signature, trace_model
 from lipmargin.lipschitz import (
     LayerRule,
     _float64_operator,
@@ -93,6 +93,21 @@ class FeatureBound(nn.Module):
         return torch.zeros(())
 
     def forward(self, n_iter: int = 0) -> tuple[Tensor, Tensor]:
+        lip, sigmas = self._estimate(n_iter)
+        return lip[self._plan.output], sigmas
+
+    def pairwise(self, n_iter: int = 0) -> tuple[Tensor, Tensor]:
+        """``(K, pairwise (C, C))`` for a whole model: ``K ||W_i - W_j||`` when it ends in a linear
+        head (``K`` the features' estimate), else ``sqrt(2) L`` for every pair; differentiable.
+
+        This is what ``cll_loss`` / ``gloro_loss`` need to train any traceable model.
+        """
+        if self._plan.num_classes == 0:
+            raise ValueError("pairwise needs a model that returns logits of shape (B, C)")
+        lip, _ = self._estimate(n_iter)
+        return pairwise_estimate(self._plan, lip)
+
+    def _estimate(self, n_iter: int) -> tuple[dict[str, Tensor], Tensor]:
         self._check_structure()
         ref = self._reference_tensor()
         values: dict[str, Tensor] = {}
@@ -117,8 +132,7 @@ class FeatureBound(nn.Module):
             values[step.name] = sigma
             sigmas.append(sigma)
         lip = compose_estimate(self._plan, values, ref)
-        k = lip[self._plan.output]
-        return k, (torch.stack(sigmas) if sigmas else torch.ones(0))
+        return lip, (torch.stack(sigmas) if sigmas else torch.ones(0))
 
     @torch.no_grad()
     def converge(self, *, tol: float = 1e-9, max_iter: int = 10_000) -> Tensor:
