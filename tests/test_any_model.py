@@ -38,7 +38,7 @@ def grad_lower_bound(model: nn.Module, input_shape: tuple[int, ...], pairs: list
             d = out[:, i] - out[:, j]
             (g,) = torch.autograd.grad(d.sum(), x, create_graph=True)
             norms = g.flatten(1).norm(dim=1)
-            top = max(top, float(norms.max()))
+            top = max(top, norms.max().item())
             opt.zero_grad()
             (-norms.sum()).backward()
             opt.step()
