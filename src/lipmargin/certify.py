@@ -14,12 +14,16 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lipmargin.lipschitz import pairwise_head_norms_bound
 from lipmargin.models import LipschitzNet
+
+if TYPE_CHECKING:
+    from lipmargin.checkpoint import CheckpointRef
 
 __all__ = [
     "BOUND_METHODS",
@@ -144,6 +148,7 @@ class CertifyResult:
     radius: Tensor = field(repr=False)
     prediction: Tensor = field(repr=False)
     target: Tensor = field(repr=False)
+    checkpoint: CheckpointRef | None = None  # the weights certified, when the caller named them
 
 
 @torch.no_grad()
@@ -154,12 +159,14 @@ def certify(
     *,
     bound: ModelBound | None = None,
     method: str = "sound",
+    checkpoint: CheckpointRef | None = None,
 ) -> CertifyResult:
     """Certify every sample of ``batches`` at each radius in ``eps``.
 
     ``bound`` may be passed to reuse an already computed :class:`ModelBound`; otherwise it is
     computed with ``method``.  The model is evaluated on a float64 copy in eval mode; the caller's
-    model keeps its dtype and mode.
+    model keeps its dtype and mode.  ``checkpoint`` (e.g. :attr:`lipmargin.train.LoadedRun.checkpoint`)
+    is recorded in the result, so that it names the weights it certifies.
     """
     if any(not (isinstance(e, (int, float)) and e >= 0) for e in eps):
         raise ValueError(f"eps values must be numbers >= 0; got {list(eps)}")
@@ -189,4 +196,5 @@ def certify(
         radius=radius,
         prediction=prediction,
         target=target,
+        checkpoint=checkpoint,
     )
