@@ -53,6 +53,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -244,8 +245,9 @@ def build_predictor(model: LipschitzNet, bound: ModelBound) -> CertifiedPredicto
 # Formats
 # --------------------------------------------------------------------------------------------
 
-#: ``save(predictor, example_input, path, metadata=None)``; ``metadata`` (str -> str) goes into the file.
-SaveFn = Callable[..., None]
+SaveFn = Callable[[CertifiedPredictor, Tensor, Path], None]
+#: ``write_metadata(path, metadata)`` adds ``metadata`` (str -> str) to a file ``save`` wrote.
+MetadataFn = Callable[[Path, dict[str, str]], None]
 
 
 def export_metadata(checkpoint: CheckpointRef, fmt: str) -> dict[str, str]:
@@ -276,7 +278,10 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
     if path.suffix == ".pt2":
         torch.export.load(str(path), extra_files=extra)
     else:
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        with warnings.catch_warnings():  # recent torch flags torch.jit as deprecated; the file is one
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    # Formats registered without write_metadata have no record; an empty dict says so.
     text = extra[METADATA_NAME]
     return dict(json.loads(text)) if text else {}
 
@@ -289,6 +294,8 @@ class ExportFormat:
     when a package the format needs is missing (called before any work); ``loader`` is Python
     source run in the checking process with ``torch`` imported and ``model_path`` set: it must
     define ``predict(x: Tensor) -> (label, radius)`` and ``runtime`` (a string naming what loaded it).
+    ``write_metadata(path, metadata)``, when given, adds the checkpoint's name and SHA-256 to the
+    saved file (before the check, so the check runs the final file).
     """
 
     name: str
@@ -297,6 +304,7 @@ class ExportFormat:
     requires: Callable[[], None]
     loader: str
     description: str
+    write_metadata: MetadataFn | None = None
 
 
 #: Registry of export formats; filled by :func:`register_export_format`.
@@ -308,12 +316,18 @@ def _nothing_required() -> None:
 
 
 def register_export_format(
-    name: str, *, suffix: str, loader: str, requires: Callable[[], None] = _nothing_required, description: str = ""
+    name: str,
+    *,
+    suffix: str,
+    loader: str,
+    requires: Callable[[], None] = _nothing_required,
+    description: str = "",
+    write_metadata: MetadataFn | None = None,
 ) -> Callable[[SaveFn], SaveFn]:
     """Decorator: register ``save(predictor, example_input, path)`` as format ``name``."""
 
     def decorator(save: SaveFn) -> SaveFn:
-        EXPORT_FORMATS[name] = ExportFormat(name, suffix, save, requires, loader, description)
+        EXPORT_FORMATS[name] = ExportFormat(name, suffix, save, requires, loader, description, write_metadata)
         return save
 
     return decorator
@@ -325,12 +339,32 @@ runtime = "torch.jit.load (torch " + torch.__version__ + ")"
 """
 
 
+def _jit_load(path: Path) -> Any:
+    with warnings.catch_warnings():  # recent torch flags torch.jit as deprecated; the file is one
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+def _rewrite(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a new version of ``path`` next to it, then replace it (never reading and writing one file)."""
+    tmp = path.with_name(f"{path.name}.meta.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _torchscript_metadata(path: Path, metadata: dict[str, str]) -> None:
+    module = _jit_load(path)
+    extra = {METADATA_NAME: json.dumps(metadata, sort_keys=True)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+        _rewrite(path, lambda tmp: torch.jit.save(module, str(tmp), _extra_files=extra))
+
+
 @register_export_format(
-    "torchscript", suffix=".pt", loader=_TORCHSCRIPT_LOADER, description="TorchScript; load with torch.jit.load"
+    "torchscript", suffix=".pt", loader=_TORCHSCRIPT_LOADER, description="TorchScript; load with torch.jit.load",
+    write_metadata=_torchscript_metadata,
 )
-def _save_torchscript(
-    predictor: CertifiedPredictor, example: Tensor, path: Path, metadata: dict[str, str] | None = None
-) -> None:
+def _save_torchscript(predictor: CertifiedPredictor, example: Tensor, path: Path) -> None:
     # Traced, not scripted: the trace records the very certified_radius that certify() runs.  Its
     # only Python control flow is a shape check, and the only size it bakes in is the class count,
     # so the TracerWarnings it raises about them are expected (the check runs other batch sizes).
@@ -340,8 +374,7 @@ def _save_torchscript(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
         traced = torch.jit.trace(predictor, (example,), check_trace=False)
-        extra = {METADATA_NAME: json.dumps(metadata, sort_keys=True)} if metadata else None
-        torch.jit.save(traced, str(path), _extra_files=extra)
+        torch.jit.save(traced, str(path))
 
 
 def _exported_program(predictor: CertifiedPredictor, example: Tensor) -> torch.export.ExportedProgram:
@@ -356,15 +389,19 @@ runtime = "torch.export.load (torch " + torch.__version__ + ")"
 """
 
 
+def _torch_export_metadata(path: Path, metadata: dict[str, str]) -> None:
+    program = torch.export.load(str(path))
+    extra = {METADATA_NAME: json.dumps(metadata, sort_keys=True)}
+    _rewrite(path, lambda tmp: torch.export.save(program, str(tmp), extra_files=extra))
+
+
 @register_export_format(
     "torch-export", suffix=".pt2", loader=_TORCH_EXPORT_LOADER,
     description="torch.export ExportedProgram; load with torch.export.load(path).module()",
+    write_metadata=_torch_export_metadata,
 )
-def _save_torch_export(
-    predictor: CertifiedPredictor, example: Tensor, path: Path, metadata: dict[str, str] | None = None
-) -> None:
-    extra = {METADATA_NAME: json.dumps(metadata, sort_keys=True)} if metadata else None
-    torch.export.save(_exported_program(predictor, example), str(path), extra_files=extra)
+def _save_torch_export(predictor: CertifiedPredictor, example: Tensor, path: Path) -> None:
+    torch.export.save(_exported_program(predictor, example), str(path))
 
 
 _ONNX_LOADER = """
@@ -412,13 +449,21 @@ def _require_onnx() -> None:
         )
 
 
+def _onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    _rewrite(path, lambda tmp: onnx.save(proto, str(tmp)))
+
+
 @register_export_format(
     "onnx", suffix=".onnx", loader=_ONNX_LOADER, requires=_require_onnx,
-    description="ONNX (float64 graph); needs the [export] extra",
+    description="ONNX (float64 graph); needs the [export] extra", write_metadata=_onnx_metadata,
 )
-def _save_onnx(
-    predictor: CertifiedPredictor, example: Tensor, path: Path, metadata: dict[str, str] | None = None
-) -> None:
+def _save_onnx(predictor: CertifiedPredictor, example: Tensor, path: Path) -> None:
     torch.onnx.export(
         _exported_program(predictor, example),
         (example,),
@@ -428,14 +473,6 @@ def _save_onnx(
         external_data=False,  # one self-contained file
         dynamo=True,
     )
-    if metadata:
-        import onnx
-
-        proto = onnx.load(str(path))
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, str(path))
 
 
 def _format(name: str) -> ExportFormat:
@@ -580,9 +617,11 @@ def export_certified(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        work = Path(tmp)
+        work = Path(tmp).resolve()  # the check runs with cwd=work: every path it gets must be absolute
         staged = work / f"model{exporter.suffix}"
-        exporter.save(predictor, example, staged, metadata=export_metadata(loaded.checkpoint, fmt))
+        exporter.save(predictor, example, staged)
+        if exporter.write_metadata is not None:
+            exporter.write_metadata(staged, export_metadata(loaded.checkpoint, fmt))
         num_samples, max_rel, runtime = 0, None, None
         if check:
             test = load_dataset(cfg.data.name, cfg.data.root, "test")
