@@ -382,3 +382,33 @@ def test_resolve_checkpoint_with_no_checkpoints(tmp_path: Path) -> None:
         resolve_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="is a folder"):
         resolve_checkpoint(tmp_path, tmp_path)
+
+
+def test_sweep_audit_reaudits_other_weights_and_refuses_a_damaged_newest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lipmargin.config import config_to_dict, load_preset
+    from lipmargin.sweep import run_sweep
+
+    base = config_to_dict(load_preset("moons-cll"))
+    base["train"].update(epochs=2, batch_size=500)
+    sweep = tmp_path / "sweep"
+    run_sweep(base, {"loss.p": [0.01]}, 1, sweep)
+    run = next((sweep / "cells").glob("*/seed-*"))
+    args = ["audit", str(sweep), "--eps", "0.15", *SMALL_AUDIT]
+
+    def audited() -> dict:
+        return json.loads((run / "audit.json").read_text())["checkpoint"]
+
+    assert _cli(capsys, *args)[0] == 0
+    assert audited()["sha256"] == _sha256(run / "checkpoints" / "epoch-000002.safetensors")
+    # Same settings but other weights: audited again, and the record says which.
+    assert _cli(capsys, *args, "--checkpoint", "epoch-000001")[0] == 0
+    assert audited()["epoch"] == 1 and audited()["sha256"] == _sha256(run / "checkpoints" / "epoch-000001.safetensors")
+    # A damaged newest checkpoint is not papered over by the audit.json of an earlier call.
+    assert _cli(capsys, *args)[0] == 0 and audited()["epoch"] == 2
+    _flip_middle(run / "checkpoints" / "epoch-000002.safetensors")
+    code, _, err = _cli(capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and "epoch-000002.safetensors" in err
+    code, _, err = _cli(capsys, *args, "--checkpoint", str(run / "checkpoints" / "epoch-000001.json"))
+    assert code == 2 and "takes a name" in err

@@ -5,6 +5,12 @@ written last and records the SHA-256 of the tensor file, so it is the commit mar
 counts as intact only when its JSON parses and the tensor file's hash matches.  Both files are
 written to a temporary name, flushed, fsynced and renamed, so a kill at any moment leaves every
 earlier checkpoint intact.
+
+Two ways to pick a checkpoint: :func:`resolve_checkpoint` (certify, audit, export, report) loads
+the newest one or exactly the one named, and never another; :func:`newest_intact_checkpoint`
+(resuming training) skips damaged newer ones and returns them, so the caller can say so.  A loaded
+checkpoint's :attr:`Checkpoint.ref` (:class:`CheckpointRef`) names its ``.safetensors`` file, its
+epoch and the SHA-256 of that file's bytes, for results to record.
 """
 
 from __future__ import annotations
