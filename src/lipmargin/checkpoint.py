@@ -333,10 +333,20 @@ def _damaged_file(path: Path, reason: str) -> Path:
     return weights if reason.startswith("checkpoint weights") or not path.exists() else path
 
 
+def _short_reason(path: Path, reason: str) -> str:
+    """``load_checkpoint``'s message for ``path`` without the file name (said beside it already)."""
+    return (
+        reason.replace(f"checkpoint weights {path.with_suffix('.safetensors')} ", "its weights ")
+        .replace(f"checkpoint metadata {path} ", "its metadata ")
+        .replace(f"checkpoint {path} ", f"its metadata {path.name} ")
+    )
+
+
 def newest_intact_checkpoint(folder: Path) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
     """The newest checkpoint in ``folder`` that verifies, and the newer ones skipped as damaged.
 
-    Returns ``(checkpoint or None, [(damaged file, one-line reason), ...])`` (newest first).  Meant for
+    Returns ``(checkpoint or None, [(damaged file, one-line reason, e.g. "its weights do not match
+    ..."), ...])`` (newest first).  Meant for
     resuming training, where an older intact checkpoint is a fine place to continue from; whoever
     calls it must tell the user about every skipped file.  Certification must not fall back: use
     :func:`resolve_checkpoint`.
@@ -346,7 +356,7 @@ def newest_intact_checkpoint(folder: Path) -> tuple[Checkpoint | None, list[tupl
         try:
             return load_checkpoint(path), skipped
         except CheckpointError as e:
-            skipped.append((_damaged_file(path, str(e)), str(e)))
+            skipped.append((_damaged_file(path, str(e)), _short_reason(path, str(e))))
     return None, skipped
 
 
@@ -415,11 +425,7 @@ def resolve_checkpoint(folder: Path, choice: str | Path | None = None) -> Checkp
                 continue
             intact.append(path.stem)
         damaged = _damaged_file(newest, reason)
-        short = (
-            reason.replace(f"checkpoint weights {newest.with_suffix('.safetensors')} ", "its weights ")
-            .replace(f"checkpoint metadata {newest} ", "its metadata ")
-            .replace(f"checkpoint {newest} ", f"its metadata {newest.name} ")
-        )
+        short = _short_reason(newest, reason)
         if intact:
             advice = (f"intact: {', '.join(intact)}; no older checkpoint is used unless chosen: "
                       f"--checkpoint {intact[-1]} or a path to its file")
