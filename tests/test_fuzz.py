@@ -353,7 +353,7 @@ def test_certify_with_every_checkpoint_damaged_fails_in_one_line(
     assert not sentinel.exists()
 
 
-def test_certify_falls_back_to_the_older_intact_checkpoint(
+def test_certify_refuses_a_damaged_newest_checkpoint_instead_of_falling_back(
     tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
@@ -361,11 +361,14 @@ def test_certify_falls_back_to_the_older_intact_checkpoint(
     older, newest = list_checkpoints(run / "checkpoints")[-2:]
     st_path = newest.with_suffix(".safetensors")
     st_path.write_bytes(st_path.read_bytes()[:100])
-    ckpt = latest_checkpoint(run / "checkpoints")
+    ckpt = latest_checkpoint(run / "checkpoints")  # resuming training may still start from it
     assert ckpt is not None and ckpt.path == older
     code, out, err = _certify_cli(run, capsys)
-    assert code == 0, err
-    assert json.loads(out)["epoch"] == ckpt.epoch == int(older.stem.split("-")[1])
+    assert code == 2 and out == ""  # certify names the damaged file instead of certifying another model
+    assert err.count("\n") == 1 and str(st_path) in err and f"--checkpoint {older.stem}" in err
+    code = main(["certify", str(run), "--json", "--checkpoint", older.stem])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["epoch"] == ckpt.epoch == int(older.stem.split("-")[1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from lipmargin.certify import (
     certify,
     model_bound,
 )
-from lipmargin.checkpoint import CheckpointError
+from lipmargin.checkpoint import CheckpointError, CheckpointRef
 from lipmargin.config import ConfigError, RunConfig, load_config
 from lipmargin.data import DatasetError, list_datasets, load_dataset
 from lipmargin.layers import GroupSort, MaxMin, Normalize
@@ -40,7 +40,7 @@ from lipmargin.losses import (
     lipschitz_penalty,
 )
 from lipmargin.models import LipschitzNet, create_model, list_models, register_model
-from lipmargin.train import TrainingError, evaluate, fit, load_run
+from lipmargin.train import TrainingError, evaluate, fit, load_run, open_run
 
 __version__ = "0.1.0"
 
@@ -55,6 +55,7 @@ __all__ = [
     "lmt_loss",
     "CertifyResult",
     "CheckpointError",
+    "CheckpointRef",
     "ConfigError",
     "DatasetError",
     "FeatureBound",
@@ -84,6 +85,7 @@ __all__ = [
     "load_dataset",
     "load_run",
     "model_bound",
+    "open_run",
     "operator_norm_bound",
     "pairwise_head_norms",
     "register_layer_rule",

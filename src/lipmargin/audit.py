@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from lipmargin.attacks import autoattack_l2, lipschitz_lower_bound, pgd_l2
 from lipmargin.certify import ModelBound, certified_radius, model_bound
+
+if TYPE_CHECKING:
+    from lipmargin.checkpoint import CheckpointRef
 from lipmargin.models import LipschitzNet
 
 __all__ = ["AuditResult", "audit_model"]
@@ -36,6 +39,7 @@ class AuditResult:
     tightness: float
     per_layer: list[dict[str, Any]]
     attacks: list[str] = field(default_factory=list)
+    checkpoint: CheckpointRef | None = None  # the weights audited, when the caller named them
 
 
 def _predict(model: LipschitzNet, x: Tensor) -> Tensor:
@@ -58,11 +62,13 @@ def audit_model(
     use_autoattack: bool = False,
     clamp: tuple[float, float] | None = (0.0, 1.0),
     seed: int = 0,
+    checkpoint: CheckpointRef | None = None,
 ) -> AuditResult:
     """Audit ``model`` on ``(inputs, target)``; ``lobo_inputs`` are the images LOBO starts from.
 
     ``clamp`` is the valid input box (pixels in [0, 1]; ``None`` for unbounded data such as two
-    moons): attacks and LOBO stay inside it.
+    moons): attacks and LOBO stay inside it.  ``checkpoint`` (which weights ``model`` holds, e.g.
+    :attr:`lipmargin.train.LoadedRun.checkpoint`) is recorded in the result.
 
     Certification uses float64 logits and ``bound`` (sound by default).  Attacks run on a float64
     copy too, so that a "flip" is never an artefact of float32 rounding at the decision boundary.
@@ -142,6 +148,7 @@ def audit_model(
         tightness=tightness,
         per_layer=per_layer,
         attacks=attacks,
+        checkpoint=checkpoint,
     )
 
 

@@ -15,6 +15,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -26,6 +27,9 @@ from lipmargin.graph_eval import forward_with_error
 from lipmargin.lipschitz import _float64_operator, converge_operator_norm, layer_rule, operator_norm_bound
 from lipmargin.models import LipschitzNet
 from lipmargin.rounding import radius_lower
+
+if TYPE_CHECKING:
+    from lipmargin.checkpoint import CheckpointRef
 
 __all__ = [
     "BOUND_METHODS",
@@ -215,6 +219,7 @@ class CertifyResult:
     radius: Tensor = field(repr=False)
     prediction: Tensor = field(repr=False)
     target: Tensor = field(repr=False)
+    checkpoint: CheckpointRef | None = None  # the weights certified, when the caller named them
 
 
 @torch.no_grad()
@@ -226,6 +231,7 @@ def certify(
     bound: ModelBound | None = None,
     method: str = "sound",
     input_shape: Sequence[int] | None = None,
+    checkpoint: CheckpointRef | None = None,
 ) -> CertifyResult:
     """Certify every sample of ``batches`` at each radius in ``eps``.
 
@@ -235,7 +241,9 @@ def certify(
     Each radius is deflated by a bound on the rounding error of that float64 forward pass
     (:mod:`lipmargin.graph_eval`).  ``bound`` reuses a :class:`ModelBound`; it must have been
     computed from the model's current weights (else ``ValueError``).  Inputs of another shape than
-    the bound's raise ``ValueError``.
+    the bound's raise ``ValueError``.  ``checkpoint`` (e.g.
+    :attr:`lipmargin.train.LoadedRun.checkpoint`) is recorded in the result, so that it names the
+    weights it certifies.
     """
     if any(not (isinstance(e, (int, float)) and e >= 0) for e in eps):
         raise ValueError(f"eps values must be numbers >= 0; got {list(eps)}")
@@ -274,4 +282,5 @@ def certify(
         radius=radius,
         prediction=prediction,
         target=target,
+        checkpoint=checkpoint,
     )

@@ -131,9 +131,21 @@ def _train(args: argparse.Namespace) -> int:
     is_main = dist_info_from_env().is_main  # under torchrun only rank 0 talks
     bar = ProgressBar(sys.stderr, enabled=is_main and not args.quiet and sys.stderr.isatty())
     if cfg is None:
-        from lipmargin.config import RunConfig
+        import warnings
 
-        summary = fit(RunConfig(), out, resume=True, on_event=bar)
+        from lipmargin.config import RunConfig
+        from lipmargin.train import CheckpointSkippedWarning
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == "checkpoint_skipped":  # said here, even with --quiet
+                if is_main:
+                    print(f"lipmargin: warning: {event['message']}", file=sys.stderr, flush=True)
+                return
+            bar(event)
+
+        with warnings.catch_warnings():  # the event above already said it, on one line
+            warnings.simplefilter("ignore", CheckpointSkippedWarning)
+            summary = fit(RunConfig(), out, resume=True, on_event=on_event)
     else:
         summary = fit(cfg, out, on_event=bar)
     if is_main and not args.quiet:
@@ -192,6 +204,8 @@ def _load_user_target(args: argparse.Namespace, split: str = "test") -> tuple[An
 
     if getattr(args, "run_dir", None):
         raise ValueError("give either a run folder or --model, not both")
+    if getattr(args, "checkpoint", None):
+        raise ValueError("--checkpoint chooses a run's checkpoint; with --model give the weights file with --weights")
     if not args.data:
         raise ValueError("--model needs --data NAME (the dataset to certify on; see `lipmargin datasets`)")
     if args.bound not in BOUND_METHODS:
@@ -208,13 +222,33 @@ def _load_user_target(args: argparse.Namespace, split: str = "test") -> tuple[An
     return model, shape, eps_items, ds, device
 
 
+def _weights_record(weights: str | None) -> dict[str, Any] | None:
+    """The weights file of a ``--model`` certificate: path and SHA-256 of its bytes (as sha256sum)."""
+    if weights is None:
+        return None
+    import hashlib
+
+    return {"path": str(weights), "epoch": None, "sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest()}
+
+
 def _require_target(args: argparse.Namespace) -> None:
     if not args.model and not args.run_dir:
         raise ValueError("give a run folder, or --model FILE.py:FACTORY --weights W --data NAME")
 
 
+def _checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="NAME|PATH",
+                   help="use this checkpoint instead of the newest: a name in the run's checkpoints/ "
+                        "(epoch-000001) or a path to a checkpoint's .json / .safetensors file")
+
+
+def _checkpoint_text(ref: Any) -> str:
+    return f"checkpoint {ref.path} (epoch {ref.epoch}, sha256 {ref.sha256})"
+
+
 def _certify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", nargs="?", help="a training run folder (or use --model)")
+    _checkpoint_arg(p)
     p.add_argument("--eps", help="comma-separated radii (default: the run's eval.eps); 36/255 works too")
     p.add_argument("--bound", default="sound", help="sound (default, provable) or power (converged power iteration)")
     p.add_argument("--split", default="test", choices=["test", "train"], help="which split to certify")
@@ -233,25 +267,27 @@ def _dataset(name: str, root: str | None, split: str) -> Any:
 
 def _load_certifiable(
     args: argparse.Namespace, split: str = "test", run_dir: str | Path | None = None
-) -> tuple[Any, Any, int, list[tuple[str, float]], Any, Any]:
+) -> tuple[Any, Any, int, list[tuple[str, float]], Any, Any, Any]:
     """Shared by certify and audit: check --bound / --eps, load the run and its data split.
 
-    Returns ``(cfg, model, epoch, eps_items, dataset, device)``; bad input raises ValueError (exit 2).
+    Returns ``(cfg, model, epoch, eps_items, dataset, device, checkpoint_ref)``; bad input raises
+    ValueError (exit 2); a damaged newest checkpoint raises CheckpointError (exit 2, no fallback).
     """
     from lipmargin.certify import BOUND_METHODS
-    from lipmargin.train import eps_key, load_run, resolve_device
+    from lipmargin.train import eps_key, open_run, resolve_device
 
     if args.bound not in BOUND_METHODS:
         raise ValueError(f"--bound must be one of {', '.join(sorted(BOUND_METHODS))}; got {args.bound!r}")
     eps_items = _parse_eps_list(args.eps) if args.eps else None
     device = resolve_device(args.device)
-    cfg, model, epoch = load_run(args.run_dir if run_dir is None else run_dir, device)
+    loaded = open_run(args.run_dir if run_dir is None else run_dir, device, checkpoint=args.checkpoint)
+    cfg, model, epoch = loaded.config, loaded.model, loaded.epoch
     if eps_items is None:
         eps_items = [(eps_key(e), e) for e in cfg.eval.eps]
     ds = _dataset(cfg.data.name, cfg.data.root, split)
     if ds.in_shape != model.in_shape:
         raise ValueError(f"dataset {cfg.data.name} has inputs of shape {ds.in_shape} but the model expects {model.in_shape}")
-    return cfg, model, epoch, eps_items, ds, device
+    return cfg, model, epoch, eps_items, ds, device, loaded.checkpoint
 
 
 @command("certify", "certified accuracy of a trained run", _certify_args)
@@ -262,12 +298,13 @@ def _certify(args: argparse.Namespace) -> int:
     _require_target(args)
     if args.model:
         model, shape, eps_items, ds, device = _load_user_target(args, args.split)
-        epoch, batch_size, source = None, args.batch_size, args.model
+        epoch, batch_size, source, ref = None, args.batch_size, args.model, None
     else:
-        cfg, model, epoch, eps_items, ds, device = _load_certifiable(args, args.split)
+        cfg, model, epoch, eps_items, ds, device, ref = _load_certifiable(args, args.split)
         shape, batch_size, source = model.in_shape, cfg.eval.batch_size, args.run_dir
     bounds = {name: model_bound(model, name, input_shape=shape) for name in sorted({args.bound, "power", "sound"})}
-    result = certify(model, eval_batches(ds, batch_size, device), [v for _, v in eps_items], bound=bounds[args.bound])
+    result = certify(model, eval_batches(ds, batch_size, device), [v for _, v in eps_items], bound=bounds[args.bound],
+                     checkpoint=ref)
     cert = {label: result.certified_accuracy[float(v)] for label, v in eps_items}
     payload = {
         "clean_accuracy": result.clean_accuracy,
@@ -280,15 +317,17 @@ def _certify(args: argparse.Namespace) -> int:
         "sound": result.sound,
         "epoch": epoch,
         "split": args.split,
+        "checkpoint": ref.to_dict(relative_to=Path(args.run_dir)) if ref is not None else _weights_record(args.weights),
     }
     if args.model:
         payload["model"] = args.model
-        payload["weights"] = args.weights
     if args.json:
         print(json.dumps(payload))
     else:
         what = f"run {source} (epoch {epoch})" if epoch is not None else f"model {source}"
         print(f"{what}, {result.num_samples} {args.split} samples, bound: {result.bound_method}")
+        if ref is not None:
+            print(_checkpoint_text(ref))
         print(f"clean accuracy              {result.clean_accuracy:.4f}")
         for label, acc in cert.items():
             print(f"certified accuracy @ {label:<7} {acc:.4f}")
@@ -338,6 +377,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_OR_SWEEP_DIR")
     p.add_argument("--out", help="folder for report.md and the figures (default: the run / sweep folder)")
+    _checkpoint_arg(p)
 
 
 @command("report", "write report.md with figures for a run or a sweep", _report_args)
@@ -348,7 +388,7 @@ def _report(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_USAGE
     try:
-        path = write_report(args.path, args.out)
+        path = write_report(args.path, args.out, checkpoint=args.checkpoint)
     except ImportError as e:
         _err(str(e))
         return EXIT_USAGE
@@ -358,6 +398,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_OR_SWEEP_DIR", nargs="?", help="a run or sweep folder (or use --model)")
+    _checkpoint_arg(p)
     p.add_argument("--eps", help="comma-separated radii (default: the run's eval.eps)")
     p.add_argument("--n", type=int, default=1000, help="test samples to audit (default 1000)")
     p.add_argument("--bound", default="sound", help="bound whose certificates are audited (sound or power)")
@@ -402,10 +443,12 @@ def _audit(args: argparse.Namespace) -> int:
     runs = sorted(d for d in (root / "cells").glob("*/seed-*") if (d / "summary.json").is_file())
     if not runs:
         raise ValueError(f"{root}: a sweep folder without finished runs; run `lipmargin sweep` first")
+    if args.checkpoint is not None and len(Path(args.checkpoint).parts) > 1:
+        raise ValueError("--checkpoint with a sweep folder takes a name (e.g. epoch-000001) used in every run, not a path")
     violations = 0
     for run in runs:
         previous = _read_json(run / "audit.json")
-        if previous is not None and previous.get("settings") == _audit_settings(args):
+        if previous is not None and previous.get("settings") == _audit_settings(args) and _audited_same_weights(args, run, previous):
             payload = previous
         else:
             payload = _audit_one(args, run)
@@ -429,6 +472,17 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _audited_same_weights(args: argparse.Namespace, run: Path, previous: dict[str, Any]) -> bool:
+    """Whether ``previous`` (an audit.json) audited the checkpoint that would be audited now."""
+    from lipmargin.checkpoint import resolve_checkpoint
+
+    ref = resolve_checkpoint(run / "checkpoints", args.checkpoint).ref  # a damaged newest one fails here
+    record = previous.get("checkpoint")
+    if isinstance(record, dict):
+        return record.get("sha256") == ref.sha256
+    return args.checkpoint is None and previous.get("epoch") == ref.epoch  # written before audits named weights
+
+
 def _audit_settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("eps", "n", "bound", "pgd_steps", "pgd_restarts", "lobo_pairs", "lobo_steps", "lobo_lr", "autoattack", "seed")
     return {k: getattr(args, k) for k in keys}
@@ -445,10 +499,10 @@ def _audit_one(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]
 
     if run_dir is None:
         model, shape, eps_items, test, device = _load_user_target(args)
-        epoch = None
+        epoch, ref = None, None
         train = _dataset(args.data, args.data_root, "train")
     else:
-        cfg, model, epoch, eps_items, test, device = _load_certifiable(args, run_dir=run_dir)
+        cfg, model, epoch, eps_items, test, device, ref = _load_certifiable(args, run_dir=run_dir)
         shape = model.in_shape
         train = _dataset(cfg.data.name, cfg.data.root, "train")
     n = min(args.n, len(test))
@@ -462,7 +516,7 @@ def _audit_one(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]
         bound=model_bound(model, args.bound, input_shape=shape),
         pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts,
         lobo_pairs=args.lobo_pairs, lobo_steps=args.lobo_steps, lobo_lr=args.lobo_lr,
-        use_autoattack=args.autoattack, clamp=input_box(test.inputs), seed=args.seed,
+        use_autoattack=args.autoattack, clamp=input_box(test.inputs), seed=args.seed, checkpoint=ref,
     )
     labels = {float(v): label for label, v in eps_items}
     payload = {
@@ -479,6 +533,7 @@ def _audit_one(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]
         "bound_method": args.bound,
         "attacks": result.attacks,
         "epoch": epoch,
+        "checkpoint": ref.to_dict(relative_to=run_dir) if ref is not None else _weights_record(args.weights),
         "settings": _audit_settings(args),
     }
     if run_dir is not None:
@@ -489,6 +544,9 @@ def _audit_one(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]
 def _print_audit(run_dir: Path | str, payload: dict[str, Any]) -> None:
     print(f"audit of {run_dir} (epoch {payload['epoch']}) on {payload['num_samples']} test samples, "
           f"bound {payload['bound_method']}, attacks {', '.join(payload['attacks'])}")
+    ck = payload["checkpoint"]
+    if ck is not None:
+        print(f"checkpoint {ck['path']} (epoch {ck['epoch']}, sha256 {ck['sha256']})")
     for label, cert in payload["certified_accuracy"].items():
         print(f"eps {label:<8} certified {cert:.4f}  empirical robust {payload['empirical_robust_accuracy'][label]:.4f}")
     print(f"Lipschitz upper {payload['lipschitz_upper']:.6g}  lower (LOBO) {payload['lipschitz_lower']:.6g}  "
@@ -498,6 +556,7 @@ def _print_audit(run_dir: Path | str, payload: dict[str, Any]) -> None:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
+    _checkpoint_arg(p)
     p.add_argument("--format", required=True, help="torchscript, onnx (needs lipmargin[export]) or torch-export")
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--no-check", action="store_true", help="skip re-checking the export against certify")
@@ -509,7 +568,8 @@ def _export(args: argparse.Namespace) -> int:
     from lipmargin.export import export_certified
 
     try:
-        r = export_certified(args.run_dir, args.format, args.out, check=not args.no_check, batch_size=args.batch_size)
+        r = export_certified(args.run_dir, args.format, args.out, check=not args.no_check, batch_size=args.batch_size,
+                             checkpoint=args.checkpoint)
     except ImportError as e:  # the optional extra for the format is missing
         _err(str(e))
         return EXIT_USAGE
@@ -518,6 +578,8 @@ def _export(args: argparse.Namespace) -> int:
         f"{r.max_relative_difference:.3g}" if r.num_samples else "not checked"
     )
     print(f"{r.path}  ({r.format}; {checked}; Lipschitz {r.lipschitz:.6g})")
+    if r.checkpoint is not None:
+        print(f"from {_checkpoint_text(r.checkpoint)}")
     return 0
 
 

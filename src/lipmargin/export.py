@@ -21,6 +21,15 @@ Loading it (ONNX; input ``x`` float32, outputs ``label`` and ``radius``)::
     import onnxruntime as ort
     label, radius = ort.InferenceSession("model.onnx").run(None, {"x": x_numpy})
 
+Every file names the weights it was built from (see :data:`METADATA_NAME`): TorchScript and
+torch-export files hold an extra file ``lipmargin.json``, ONNX files the same keys as
+``metadata_props``.  Reading it::
+
+    extra = {"lipmargin.json": ""}
+    torch.jit.load("model.pt", _extra_files=extra)            # or torch.export.load(path, extra_files=extra)
+    json.loads(extra["lipmargin.json"])["checkpoint_sha256"]  # == sha256sum of the .safetensors file
+    {p.key: p.value for p in onnx.load("model.onnx").metadata_props}
+
 The ONNX graph computes in float64; onnxruntime's CPU provider has no float64 ``Conv`` kernel, so
 conv models run with a runtime that has one (``onnx.reference.ReferenceEvaluator`` does).
 
@@ -35,6 +44,7 @@ and runs it on the run's whole test split; its labels must equal those of
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -43,22 +53,26 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lipmargin.certify import ModelBound, certified_radius, certify, model_bound
-from lipmargin.checkpoint import fsync_directory
+from lipmargin.checkpoint import CheckpointRef, fsync_directory
 from lipmargin.data import load_dataset, to_float
 from lipmargin.layers import GroupSort, MaxMin, Normalize
 from lipmargin.lipschitz import flatten_layers
 from lipmargin.models import LipschitzNet
-from lipmargin.train import load_run
+from lipmargin.train import open_run
 
 __all__ = [
     "EXPORT_FORMATS",
     "LAYER_EXPORTS",
     "CHECK_RTOL",
+    "METADATA_NAME",
+    "export_metadata",
+    "read_export_metadata",
     "ExportError",
     "ExportFormat",
     "ExportResult",
@@ -73,6 +87,10 @@ __all__ = [
 CHECK_RTOL = 1e-5
 
 _EXTRA_HINT = "pip install 'lipmargin[export]'"
+
+#: The name of the metadata in an exported file: an extra file in TorchScript / torch-export
+#: archives (JSON text), absent in ONNX, whose ``metadata_props`` hold the same keys and values.
+METADATA_NAME = "lipmargin.json"
 
 
 class ExportError(ValueError):
@@ -228,6 +246,44 @@ def build_predictor(model: LipschitzNet, bound: ModelBound) -> CertifiedPredicto
 # --------------------------------------------------------------------------------------------
 
 SaveFn = Callable[[CertifiedPredictor, Tensor, Path], None]
+#: ``write_metadata(path, metadata)`` adds ``metadata`` (str -> str) to a file ``save`` wrote.
+MetadataFn = Callable[[Path, dict[str, str]], None]
+
+
+def export_metadata(checkpoint: CheckpointRef, fmt: str) -> dict[str, str]:
+    """The metadata written into an exported file: which checkpoint it was built from.
+
+    ``checkpoint_sha256`` is the SHA-256 of the checkpoint's ``.safetensors`` file bytes (what
+    ``sha256sum`` prints); ``checkpoint_file`` its name; ``checkpoint_epoch`` its epoch.
+    """
+    from lipmargin import __version__
+
+    return {
+        "checkpoint_file": checkpoint.path.name,
+        "checkpoint_epoch": str(checkpoint.epoch),
+        "checkpoint_sha256": checkpoint.sha256,
+        "format": fmt,
+        "lipmargin_version": __version__,
+    }
+
+
+def read_export_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a file written by :func:`export_certified` (any registered format)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    extra = {METADATA_NAME: ""}
+    if path.suffix == ".pt2":
+        torch.export.load(str(path), extra_files=extra)
+    else:
+        with warnings.catch_warnings():  # recent torch flags torch.jit as deprecated; the file is one
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    # Formats registered without write_metadata have no record; an empty dict says so.
+    text = extra[METADATA_NAME]
+    return dict(json.loads(text)) if text else {}
 
 
 @dataclass(frozen=True)
@@ -238,6 +294,8 @@ class ExportFormat:
     when a package the format needs is missing (called before any work); ``loader`` is Python
     source run in the checking process with ``torch`` imported and ``model_path`` set: it must
     define ``predict(x: Tensor) -> (label, radius)`` and ``runtime`` (a string naming what loaded it).
+    ``write_metadata(path, metadata)``, when given, adds the checkpoint's name and SHA-256 to the
+    saved file (before the check, so the check runs the final file).
     """
 
     name: str
@@ -246,6 +304,7 @@ class ExportFormat:
     requires: Callable[[], None]
     loader: str
     description: str
+    write_metadata: MetadataFn | None = None
 
 
 #: Registry of export formats; filled by :func:`register_export_format`.
@@ -257,12 +316,18 @@ def _nothing_required() -> None:
 
 
 def register_export_format(
-    name: str, *, suffix: str, loader: str, requires: Callable[[], None] = _nothing_required, description: str = ""
+    name: str,
+    *,
+    suffix: str,
+    loader: str,
+    requires: Callable[[], None] = _nothing_required,
+    description: str = "",
+    write_metadata: MetadataFn | None = None,
 ) -> Callable[[SaveFn], SaveFn]:
     """Decorator: register ``save(predictor, example_input, path)`` as format ``name``."""
 
     def decorator(save: SaveFn) -> SaveFn:
-        EXPORT_FORMATS[name] = ExportFormat(name, suffix, save, requires, loader, description)
+        EXPORT_FORMATS[name] = ExportFormat(name, suffix, save, requires, loader, description, write_metadata)
         return save
 
     return decorator
@@ -274,8 +339,30 @@ runtime = "torch.jit.load (torch " + torch.__version__ + ")"
 """
 
 
+def _jit_load(path: Path) -> Any:
+    with warnings.catch_warnings():  # recent torch flags torch.jit as deprecated; the file is one
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+def _rewrite(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a new version of ``path`` next to it, then replace it (never reading and writing one file)."""
+    tmp = path.with_name(f"{path.name}.meta.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _torchscript_metadata(path: Path, metadata: dict[str, str]) -> None:
+    module = _jit_load(path)
+    extra = {METADATA_NAME: json.dumps(metadata, sort_keys=True)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+        _rewrite(path, lambda tmp: torch.jit.save(module, str(tmp), _extra_files=extra))
+
+
 @register_export_format(
-    "torchscript", suffix=".pt", loader=_TORCHSCRIPT_LOADER, description="TorchScript; load with torch.jit.load"
+    "torchscript", suffix=".pt", loader=_TORCHSCRIPT_LOADER, description="TorchScript; load with torch.jit.load",
+    write_metadata=_torchscript_metadata,
 )
 def _save_torchscript(predictor: CertifiedPredictor, example: Tensor, path: Path) -> None:
     # Traced, not scripted: the trace records the very certified_radius that certify() runs.  Its
@@ -302,9 +389,16 @@ runtime = "torch.export.load (torch " + torch.__version__ + ")"
 """
 
 
+def _torch_export_metadata(path: Path, metadata: dict[str, str]) -> None:
+    program = torch.export.load(str(path))
+    extra = {METADATA_NAME: json.dumps(metadata, sort_keys=True)}
+    _rewrite(path, lambda tmp: torch.export.save(program, str(tmp), extra_files=extra))
+
+
 @register_export_format(
     "torch-export", suffix=".pt2", loader=_TORCH_EXPORT_LOADER,
     description="torch.export ExportedProgram; load with torch.export.load(path).module()",
+    write_metadata=_torch_export_metadata,
 )
 def _save_torch_export(predictor: CertifiedPredictor, example: Tensor, path: Path) -> None:
     torch.export.save(_exported_program(predictor, example), str(path))
@@ -355,9 +449,19 @@ def _require_onnx() -> None:
         )
 
 
+def _onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    _rewrite(path, lambda tmp: onnx.save(proto, str(tmp)))
+
+
 @register_export_format(
     "onnx", suffix=".onnx", loader=_ONNX_LOADER, requires=_require_onnx,
-    description="ONNX (float64 graph); needs the [export] extra",
+    description="ONNX (float64 graph); needs the [export] extra", write_metadata=_onnx_metadata,
 )
 def _save_onnx(predictor: CertifiedPredictor, example: Tensor, path: Path) -> None:
     torch.onnx.export(
@@ -467,12 +571,19 @@ class ExportResult:
     lipschitz: float
     epoch: int
     runtime: str | None  # what loaded the file in the check
+    checkpoint: CheckpointRef | None = None  # the weights exported (also in the file's metadata)
 
 
 def export_certified(
-    run_dir: str | Path, fmt: str, out: str | Path, *, check: bool = True, batch_size: int = 1000
+    run_dir: str | Path,
+    fmt: str,
+    out: str | Path,
+    *,
+    check: bool = True,
+    batch_size: int = 1000,
+    checkpoint: str | Path | None = None,
 ) -> ExportResult:
-    """Export the run's newest intact checkpoint as a certified predictor in format ``fmt``.
+    """Export the run's newest checkpoint (or ``checkpoint``) as a certified predictor in format ``fmt``.
 
     Args:
         run_dir: a run folder written by :func:`lipmargin.train.fit`.
@@ -481,28 +592,36 @@ def export_certified(
         check: load the file in a fresh process and compare it with ``certify`` on the whole test
             split (labels equal, radii to :data:`CHECK_RTOL` relative).
         batch_size: samples per forward pass in the check.
+        checkpoint: a checkpoint name (``epoch-000001``) or file instead of the newest; a damaged
+            newest checkpoint is an error, never a reason to export an older one.
+
+    The file's metadata (:func:`read_export_metadata`) names the checkpoint and its SHA-256.
 
     Raises:
         ValueError: unknown format or bad ``batch_size``.
         ImportError: the format needs an extra that is not installed.
         ExportError: the check failed (nothing is written, an existing ``out`` is left alone).
-        CheckpointError / DatasetError: an unusable run folder or missing test data.
+        CheckpointError / DatasetError: an unusable run folder (a damaged newest checkpoint) or
+            missing test data.
     """
     exporter = _format(fmt)
     exporter.requires()
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     out = Path(out)
-    cfg, model, epoch = load_run(run_dir, "cpu")
+    loaded = open_run(run_dir, "cpu", checkpoint=checkpoint)
+    cfg, model, epoch = loaded.config, loaded.model, loaded.epoch
     bound = model_bound(model, "sound")
     predictor = build_predictor(model, bound)
     example = torch.zeros(2, *model.in_shape)  # batch 2: no exporter may specialise on 1
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        work = Path(tmp)
+        work = Path(tmp).resolve()  # the check runs with cwd=work: every path it gets must be absolute
         staged = work / f"model{exporter.suffix}"
         exporter.save(predictor, example, staged)
+        if exporter.write_metadata is not None:
+            exporter.write_metadata(staged, export_metadata(loaded.checkpoint, fmt))
         num_samples, max_rel, runtime = 0, None, None
         if check:
             test = load_dataset(cfg.data.name, cfg.data.root, "test")
@@ -550,4 +669,5 @@ def export_certified(
         lipschitz=bound.lipschitz,
         epoch=epoch,
         runtime=runtime,
+        checkpoint=loaded.checkpoint,
     )

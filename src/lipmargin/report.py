@@ -95,28 +95,37 @@ def read_certificates(path: str | Path) -> Certificates:
     return Certificates(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2], path.name)
 
 
-def load_certificates(run_dir: str | Path) -> Certificates:
+def load_certificates(run_dir: str | Path, *, checkpoint: str | Path | None = None) -> Certificates:
     """The per-sample radii of a run's final evaluation.
 
     Read from ``certificates.csv``; for a run folder without it, the final evaluation is run again
-    from the newest checkpoint with the run's bound method (``summary.json``'s ``bound_method``).
+    from the newest checkpoint (or ``checkpoint``, see :func:`lipmargin.train.open_run`) with the
+    run's bound method (``summary.json``'s ``bound_method``).
     Raises :class:`~lipmargin.checkpoint.CheckpointError` when neither is there.
     """
     run = Path(run_dir)
-    if (run / "certificates.csv").is_file():
+    if (run / "certificates.csv").is_file() and checkpoint is None:
         return read_certificates(run / "certificates.csv")
-    from lipmargin.train import evaluate, load_run, load_run_data
-
     method = str(_read_json(run / "summary.json").get("bound_method", "sound")) if (run / "summary.json").is_file() else "sound"
-    cfg, model, epoch = load_run(run)
-    data = load_run_data(cfg)
-    result = evaluate(model, data.eval, [], method=method, batch_size=cfg.eval.batch_size)
-    return Certificates(
+    return _recompute(run, method, [], checkpoint)[0]
+
+
+def _recompute(
+    run: Path, method: str, eps: Sequence[float], checkpoint: str | Path | None
+) -> tuple[Certificates, dict[str, Any]]:
+    """Evaluate a checkpoint of ``run`` again: its certificates and its metrics (as in summary.json)."""
+    from lipmargin.train import evaluate, load_run_data, metrics_record, open_run
+
+    loaded = open_run(run, checkpoint=checkpoint)
+    data = load_run_data(loaded.config)
+    result = evaluate(loaded.model, data.eval, list(eps), method=method, batch_size=loaded.config.eval.batch_size)
+    certs = Certificates(
         result.target.numpy().astype(np.int64),
         result.prediction.numpy().astype(np.int64),
         result.radius.numpy().astype(np.float64),
-        f"recomputed from the epoch-{epoch} checkpoint with the {method} bound (no certificates.csv)",
+        f"recomputed from the {loaded.checkpoint.name} checkpoint with the {method} bound",
     )
+    return certs, {**metrics_record(result), "eval_split": data.eval_split}
 
 
 def _eval_eps(summary: Mapping[str, Any]) -> list[float]:
@@ -132,7 +141,7 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=_DPI)
 
 
-def _decision_regions_figure(run: Path, eps: float) -> Figure | str:
+def _decision_regions_figure(run: Path, eps: float, checkpoint: str | Path | None = None) -> Figure | str:
     """The decision-regions figure of a 2-D run, or why there is none (a sentence)."""
     from lipmargin.certify import certified_radius, model_bound
     from lipmargin.checkpoint import CheckpointError
@@ -140,7 +149,7 @@ def _decision_regions_figure(run: Path, eps: float) -> Figure | str:
     from lipmargin.train import load_run
 
     try:
-        cfg, model, _ = load_run(run)
+        cfg, model, _ = load_run(run, checkpoint=checkpoint)
     except CheckpointError as e:
         return f"decision regions not drawn: {e}"
     if model.in_shape != (2,):
@@ -220,11 +229,23 @@ def _metrics_table(summary: Mapping[str, Any], certs: Certificates | None) -> li
     return ["| metric | value |", "|---|---|", *(f"| {_md_cell(a)} | {_md_cell(b)} |" for a, b in rows)]
 
 
-def _write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> _RunReport:
+def _checkpoint_of(run: Path, checkpoint: str | Path | None) -> Any:
+    """The :class:`~lipmargin.checkpoint.CheckpointRef` the report is about; ``None`` for a run folder
+    without checkpoints.  A damaged newest checkpoint raises (no fallback to an older one)."""
+    from lipmargin.checkpoint import resolve_checkpoint
+
+    folder = run / "checkpoints"
+    if checkpoint is None and not (folder.is_dir() and any(folder.glob("epoch-*"))):
+        return None
+    return resolve_checkpoint(folder, checkpoint).ref
+
+
+def _write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: str | Path | None = None) -> _RunReport:
     run = Path(run_dir)
     if not (run / "summary.json").is_file():
         raise ValueError(f"{run} is not a run folder: expected summary.json written by lipmargin train")
     _require_matplotlib()
+    ref = _checkpoint_of(run, checkpoint)
     out = Path(out_dir) if out_dir is not None else run
     out.mkdir(parents=True, exist_ok=True)
     summary = _read_json(run / "summary.json")
@@ -236,10 +257,27 @@ def _write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) ->
     from lipmargin.checkpoint import CheckpointError
 
     certs: Certificates | None = None
-    try:
-        certs = load_certificates(run)
-    except CheckpointError as e:
-        notes.append(f"No certificates.csv and no usable checkpoint, so no radius figures: {e}")
+    recorded = summary.get("checkpoint") if isinstance(summary.get("checkpoint"), Mapping) else None
+    other = recorded is not None and recorded.get("sha256") != getattr(ref, "sha256", None)
+    if ref is not None and (other or (recorded is None and checkpoint is not None)):
+        # summary.json and certificates.csv belong to other (or unnamed) weights: evaluate these again.
+        method = str(summary.get("bound_method", "sound"))
+        certs, metrics = _recompute(run, method, eps, ref.path)
+        described = f"{recorded.get('path', '?')} (epoch {recorded.get('epoch', '?')})" if recorded else "no checkpoint"
+        notes.append(
+            f"The metrics and radii are those of {ref.name}, recomputed with the {method} bound; summary.json "
+            f"names {described}."
+        )
+        summary = {**summary, **metrics}
+    else:
+        if ref is None:
+            notes.append("The run folder holds no checkpoint: the numbers cannot be traced to weights.")
+        elif recorded is None:
+            notes.append("summary.json does not name the checkpoint its metrics belong to (written by an older lipmargin).")
+        try:
+            certs = load_certificates(run)
+        except CheckpointError as e:
+            notes.append(f"No certificates.csv and no usable checkpoint, so no radius figures: {e}")
 
     report = _RunReport(out / REPORT_NAME)
     if certs is not None:
@@ -253,7 +291,7 @@ def _write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) ->
     else:
         notes.append("metrics.jsonl is missing or empty: no training curves.")
     band_eps = eps[0] if eps else float(cfg.get("loss", {}).get("eps", 0.0))  # the strictest evaluated radius
-    regions = _decision_regions_figure(run, band_eps)
+    regions = _decision_regions_figure(run, band_eps, ref.path if ref is not None else None)
     if isinstance(regions, str):
         if regions:
             notes.append(regions)
@@ -271,6 +309,14 @@ def _write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) ->
         f"Run folder: `{run}`. Model `{summary.get('model', '?')}`, loss `{summary.get('loss', '?')}`, "
         f"dataset `{summary.get('dataset', '?')}`.",
         "",
+    ]
+    if ref is not None:
+        lines += [
+            f"Weights: `{_md_cell(ref.to_dict(relative_to=run)['path'])}` (epoch {ref.epoch}), SHA-256 "
+            f"`{ref.sha256}` (of that file's bytes; `sha256sum` prints the same).",
+            "",
+        ]
+    lines += [
         "## Configuration",
         "",
         *_config_table(cfg),
@@ -297,15 +343,20 @@ def _write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) ->
     return report
 
 
-def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, checkpoint: str | Path | None = None) -> Path:
     """Write ``report.md`` and its PNGs for a run folder into ``out_dir`` (default: the run folder).
 
     Figures: ``certified_accuracy.png`` and ``radius_histogram.png`` (from ``certificates.csv``, or
     recomputed from the checkpoint when the file is absent), ``training_curves.png`` (from
     ``metrics.jsonl``) and, for 2-D data, ``decision_regions.png`` with the band of sound certified
     radius <= the smallest evaluation eps (the training eps when none).  Returns the path of ``report.md``.
+
+    The report names the checkpoint file, epoch and SHA-256 it describes: the run's newest
+    checkpoint, or ``checkpoint`` (a name such as ``epoch-000001`` or a path).  A damaged newest
+    checkpoint raises :class:`~lipmargin.checkpoint.DamagedCheckpointError`.  When the described
+    checkpoint is not the one ``summary.json`` names, its metrics and radii are recomputed.
     """
-    return _write_run_report(run_dir, out_dir).path
+    return _write_run_report(run_dir, out_dir, checkpoint).path
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +394,7 @@ def _check_results(results: Any, path: Path) -> None:
                 raise ValueError(f"{path}: cell {i} has no {key!r}")
 
 
-def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *, checkpoint: str | None = None) -> Path:
     """Write ``report.md`` for a sweep folder: the results table, one ``sweep_<param>.png`` per
     swept parameter, and a section per cell linking the figures of each of its runs.
 
@@ -403,7 +454,7 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None)
                 lines.append(f"- `{rel}`: no summary.json (the run did not finish); no report")
                 continue
             run_out = run if out_dir is None else out / rel
-            report = _write_run_report(run, run_out)
+            report = _write_run_report(run, run_out, checkpoint)
             links = [f"[report]({_link(report.path, out)})"]
             links += [f"[{caption.split(';')[0].lower()}]({_link(run_out / f, out)})" for f, caption in report.figures]
             lines.append(f"- `{rel}`: " + " · ".join(links))
@@ -423,13 +474,13 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None)
 # --------------------------------------------------------------------------------------------
 
 
-def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
+def write_report(path: str | Path, out_dir: str | Path | None = None, *, checkpoint: str | Path | None = None) -> Path:
     """Write the report of a sweep folder (``results.json``) or a run folder (``summary.json``)."""
     folder = Path(path)
     if (folder / "results.json").is_file():
-        return write_sweep_report(folder, out_dir)
+        return write_sweep_report(folder, out_dir, checkpoint=None if checkpoint is None else str(checkpoint))
     if (folder / "summary.json").is_file():
-        return write_run_report(folder, out_dir)
+        return write_run_report(folder, out_dir, checkpoint=checkpoint)
     raise ValueError(
         f"{folder} is neither a run folder (summary.json from lipmargin train) nor a sweep folder "
         f"(results.json from lipmargin sweep)"

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,11 @@ from torch import Tensor, nn
 from lipmargin.certify import CertifyResult, certify, model_bound
 from lipmargin.checkpoint import (
     CheckpointError,
+    CheckpointRef,
     atomic_write_text,
-    latest_checkpoint,
+    newest_intact_checkpoint,
+    read_checkpoint_ref,
+    resolve_checkpoint,
     save_checkpoint,
     set_torch_rng_state,
     torch_rng_state,
@@ -58,12 +62,19 @@ __all__ = [
     "evaluate",
     "fit",
     "load_run",
+    "LoadedRun",
+    "open_run",
+    "CheckpointSkippedWarning",
     "metrics_record",
 ]
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, an unusable run folder); one-line message."""
+
+
+class CheckpointSkippedWarning(UserWarning):
+    """``fit(resume=True)`` skipped a damaged checkpoint newer than the one it continues from."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,16 +484,24 @@ def fit(
     ``out_dir`` receives ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per evaluated
     epoch), ``checkpoints/epoch-*.{safetensors,json}`` and ``summary.json``.  With ``resume`` the
     newest intact checkpoint is loaded and training continues after its epoch; on CPU the result is
-    the same as that of an uninterrupted run.
+    the same as that of an uninterrupted run.  Every damaged newer checkpoint it skips is reported
+    as a ``{"event": "checkpoint_skipped", "path", "reason"}`` event and a
+    :class:`CheckpointSkippedWarning`.  ``summary.json`` names the final checkpoint under
+    ``"checkpoint"``: ``{"path"`` (relative to ``out_dir``), ``"epoch"``, ``"sha256"`` (of the
+    ``.safetensors`` file's bytes)``}``.
     """
     out = Path(out_dir)
     emit = on_event or (lambda event: None)
     start_epoch = 0
     checkpoint = None
     if resume:
-        checkpoint = latest_checkpoint(out / "checkpoints")
+        checkpoint, skipped = newest_intact_checkpoint(out / "checkpoints")
         if checkpoint is None:
             raise TrainingError(f"--resume: no intact checkpoint under {out / 'checkpoints'}")
+        for path, reason in skipped:
+            message = f"resuming from {checkpoint.path.stem}: skipped the damaged checkpoint {path} ({reason})"
+            warnings.warn(message, CheckpointSkippedWarning, stacklevel=2)
+            emit({"event": "checkpoint_skipped", "path": str(path), "reason": reason, "message": message})
         cfg = config_from_dict(checkpoint.meta["config"])
         start_epoch = checkpoint.epoch
     dist = dist_info_from_env()
@@ -518,6 +537,7 @@ def _fit(
     optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.milestones), cfg.optim.gamma)
     train_seconds = 0.0
+    final_ref: CheckpointRef | None = checkpoint.ref if checkpoint is not None else None
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint.model_state)
@@ -578,7 +598,7 @@ def _fit(
         if board is not None:
             board.log(record)
         if is_last or epoch % cfg.train.checkpoint_every == 0:
-            save_checkpoint(
+            saved = save_checkpoint(
                 ckpt_dir,
                 epoch,
                 model.state_dict(),
@@ -591,6 +611,7 @@ def _fit(
                 },
                 keep=cfg.train.keep_checkpoints,
             )
+            final_ref = read_checkpoint_ref(saved)
         emit({"event": "epoch", **record})
 
     if board is not None:
@@ -608,6 +629,8 @@ def _fit(
         "dataset": cfg.data.name,
         "seed": cfg.train.seed,
     }
+    if final_ref is not None:  # the weights these metrics belong to
+        summary["checkpoint"] = final_ref.to_dict(relative_to=out)
     if main:
         write_certificates(out / "certificates.csv", last_eval)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
@@ -615,16 +638,31 @@ def _fit(
     return summary
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RunConfig, LipschitzNet, int]:
-    """Rebuild the model of a run folder from its newest intact checkpoint: ``(config, model, epoch)``."""
+@dataclass(frozen=True)
+class LoadedRun:
+    """A run's model rebuilt from one verified checkpoint, and which one (:func:`open_run`)."""
+
+    config: RunConfig
+    model: LipschitzNet
+    checkpoint: CheckpointRef
+
+    @property
+    def epoch(self) -> int:
+        return self.checkpoint.epoch
+
+
+def open_run(run_dir: str | Path, device: str | torch.device = "cpu", *, checkpoint: str | Path | None = None) -> LoadedRun:
+    """Rebuild the model of a run folder from its newest checkpoint, or from ``checkpoint``.
+
+    There is no fallback: when the newest checkpoint is damaged this raises
+    :class:`~lipmargin.checkpoint.DamagedCheckpointError` naming it and the intact ones.
+    ``checkpoint`` is a name in the run's ``checkpoints/`` (``epoch-000001``) or a path to a
+    checkpoint file (see :func:`lipmargin.checkpoint.resolve_checkpoint`).
+    """
     run = Path(run_dir)
     if not run.is_dir():
         raise CheckpointError(f"run folder {run} does not exist")
-    ckpt = latest_checkpoint(run / "checkpoints")
-    if ckpt is None:
-        found = sorted(p.name for p in (run / "checkpoints").glob("*")) if (run / "checkpoints").is_dir() else []
-        detail = f"found only damaged files: {', '.join(found)}" if found else "no checkpoint files"
-        raise CheckpointError(f"no intact checkpoint in {run / 'checkpoints'} ({detail})")
+    ckpt = resolve_checkpoint(run / "checkpoints", checkpoint)
     if not isinstance(ckpt.meta.get("config"), dict):
         raise CheckpointError(f"checkpoint {ckpt.path} holds no config")
     try:
@@ -638,7 +676,15 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[R
         model.load_state_dict(ckpt.model_state)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ckpt.path} does not match model {cfg.model.name}: {str(e).splitlines()[0]}") from None
-    return cfg, model.to(device).eval(), ckpt.epoch
+    return LoadedRun(cfg, model.to(device).eval(), ckpt.ref)
+
+
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "cpu", *, checkpoint: str | Path | None = None
+) -> tuple[RunConfig, LipschitzNet, int]:
+    """``(config, model, epoch)`` of :func:`open_run` (which also says which checkpoint file it was)."""
+    loaded = open_run(run_dir, device, checkpoint=checkpoint)
+    return loaded.config, loaded.model, loaded.epoch
 
 
 def _model_shape_from_state(state: dict[str, Tensor], cfg: RunConfig, data_shape: Any) -> tuple[tuple[int, ...], int]:
