@@ -14,6 +14,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -154,12 +155,14 @@ def certify(
     *,
     bound: ModelBound | None = None,
     method: str = "sound",
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> CertifyResult:
     """Certify every sample of ``batches`` at each radius in ``eps``.
 
     ``bound`` may be passed to reuse an already computed :class:`ModelBound`; otherwise it is
     computed with ``method``.  The model is evaluated on a float64 copy in eval mode; the caller's
-    model keeps its dtype and mode.
+    model keeps its dtype and mode.  ``on_event`` receives ``{"event": "certify", "samples": n}``
+    after each batch (``n`` samples done so far).
     """
     if any(not (isinstance(e, (int, float)) and e >= 0) for e in eps):
         raise ValueError(f"eps values must be numbers >= 0; got {list(eps)}")
@@ -174,6 +177,8 @@ def certify(
         radii.append(r.cpu())
         preds.append(c.cpu())
         targets.append(y.cpu())
+        if on_event is not None:
+            on_event({"event": "certify", "samples": sum(len(t) for t in targets)})
     radius = torch.cat(radii) if radii else torch.zeros(0, dtype=torch.float64)
     prediction = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     target = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)

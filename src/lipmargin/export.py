@@ -43,6 +43,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +73,7 @@ __all__ = [
 #: Largest relative difference allowed between an exported radius and the one of ``certify``.
 CHECK_RTOL = 1e-5
 
-_EXTRA_HINT = "pip install 'lipmargin[export]'"
+_EXTRA_HINT = "pip install onnx onnxscript onnxruntime (or pip install -e '.[export]' in a lipmargin checkout)"
 
 
 class ExportError(ValueError):
@@ -470,7 +471,13 @@ class ExportResult:
 
 
 def export_certified(
-    run_dir: str | Path, fmt: str, out: str | Path, *, check: bool = True, batch_size: int = 1000
+    run_dir: str | Path,
+    fmt: str,
+    out: str | Path,
+    *,
+    check: bool = True,
+    batch_size: int = 1000,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> ExportResult:
     """Export the run's newest intact checkpoint as a certified predictor in format ``fmt``.
 
@@ -481,6 +488,7 @@ def export_certified(
         check: load the file in a fresh process and compare it with ``certify`` on the whole test
             split (labels equal, radii to :data:`CHECK_RTOL` relative).
         batch_size: samples per forward pass in the check.
+        on_event: receives ``{"event": "export", "stage": text}`` as each stage begins.
 
     Raises:
         ValueError: unknown format or bad ``batch_size``.
@@ -493,6 +501,8 @@ def export_certified(
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     out = Path(out)
+    emit = on_event or (lambda event: None)
+    emit({"event": "export", "stage": "loading the run and computing its sound bound"})
     cfg, model, epoch = load_run(run_dir, "cpu")
     bound = model_bound(model, "sound")
     predictor = build_predictor(model, bound)
@@ -502,6 +512,7 @@ def export_certified(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         work = Path(tmp)
         staged = work / f"model{exporter.suffix}"
+        emit({"event": "export", "stage": f"writing the {fmt} file"})
         exporter.save(predictor, example, staged)
         num_samples, max_rel, runtime = 0, None, None
         if check:
@@ -515,7 +526,9 @@ def export_certified(
                 (to_float(test.inputs[i : i + batch_size]), test.labels[i : i + batch_size])
                 for i in range(0, len(test), batch_size)
             ]
+            emit({"event": "export", "stage": f"certifying the {len(test)} test samples for the check"})
             reference = certify(model, batches, [], method="sound")
+            emit({"event": "export", "stage": f"running the {fmt} file on them in a fresh process"})
             result = _run_fresh_process(exporter, staged, test.inputs, batch_size, work)
             label, radius = result["label"], result["radius"]
             runtime = str(result["runtime"])
