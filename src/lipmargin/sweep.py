@@ -227,7 +227,9 @@ def _run_parallel(
     slots = ctx.Queue()
     for k in range(jobs):
         slots.put(devices[k % len(devices)] if devices else None)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    from lipmargin.threads import auto_threads
+
+    threads = max(1, auto_threads() // jobs)  # the cores free now, shared by the workers
     failures: list[str] = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(slots, threads)) as pool:
         futures = {}
