@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 __all__ = ["main", "entry", "COMMANDS"]
 
@@ -211,11 +211,10 @@ def _load_certifiable(
 @command("certify", "certified accuracy of a trained run", _certify_args)
 def _certify(args: argparse.Namespace) -> int:
     from lipmargin.certify import certify, model_bound
+    from lipmargin.cli_progress import certify_progress
     from lipmargin.train import eval_batches
 
     cfg, model, epoch, eps_items, ds, device = _load_certifiable(args, args.split)
-    from lipmargin.cli_progress import certify_progress
-
     progress = _progress(args)
     progress.status(f"certify: computing the {args.bound} bound", force=True)
     bounds = {name: model_bound(model, name) for name in sorted({args.bound, "power", "sound"})}
@@ -412,9 +411,8 @@ def _audit_one(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     from lipmargin.audit import audit_model
     from lipmargin.checkpoint import atomic_write_text
     from lipmargin.certify import model_bound
-    from lipmargin.data import input_box, to_float
-
     from lipmargin.cli_progress import audit_progress
+    from lipmargin.data import input_box, to_float
 
     cfg, model, epoch, eps_items, test, device = _load_certifiable(args, run_dir=run_dir)
     train = _dataset(cfg.data.name, cfg.data.root, "train")
@@ -575,10 +573,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from lipmargin.checkpoint import CheckpointError
     from lipmargin.config import ConfigError
     from lipmargin.data import DatasetError
+    from lipmargin.runfolder import RunExistsError
     from lipmargin.sweep import SweepError
     from lipmargin.train import TrainingError
-
-    from lipmargin.runfolder import RunExistsError
 
     # ValueError: any other invalid argument met deeper in the library (its messages name the
     # argument); OSError: a folder that cannot be written, a full disk.
