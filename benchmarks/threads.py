@@ -123,7 +123,8 @@ def main() -> None:
                 p.wait()
         for r in rows:
             if "timeout_s" in r:
-                figure = f"{case} (+{len(busy)} busy): rule {r['rule']} did not finish within {r['timeout_s']:.0f} s"
+                figure = (f"{case} (+{len(busy)} busy; observed {observed}): rule {r['rule']} did not finish "
+                          f"within {r['timeout_s']:.0f} s")
             else:
                 figure = (f"{case} (+{len(busy)} busy; observed {observed}): rule {r['rule']} -> {r['threads']} threads: "
                           f"digits epoch {r['epoch_s']:.2f} s, certify {r['certify_s']:.2f} s")

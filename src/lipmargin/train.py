@@ -1,7 +1,7 @@
 """Training: ``fit(config, out_dir)``, one epoch, evaluation, checkpoints and resume.
 
 The library does not print: progress is reported through the optional ``on_event`` callback
-(the CLI draws the progress bar).
+(the CLI draws the progress display).
 """
 
 from __future__ import annotations
