@@ -26,14 +26,19 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 setup: $(VENV)/.installed
 
+# lipmargin picks its CPU threads from the cores no other process is busy on (lipmargin.threads);
+# an explicit OMP_NUM_THREADS or --threads wins.  --overwrite: `make demo` again moves the previous
+# runs/demo aside (runs/demo.old-<time>) instead of refusing.
 demo: setup
-	$(BIN)/lipmargin train --preset digits-cll --out runs/demo
+	$(BIN)/lipmargin train --preset digits-cll --out runs/demo --overwrite
+	@echo "run the CLI as $(BIN)/lipmargin, or after: source $(BIN)/activate"
 
+# The tests are many tiny computations: one thread each (also in the processes they start).
 test: setup
-	$(BIN)/python -m pytest -m "not slow" -rN $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -m "not slow" -rN $(PYTEST_ARGS)
 
 test-all: setup
-	$(BIN)/python -m pytest -rN $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -rN $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

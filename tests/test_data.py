@@ -235,7 +235,7 @@ def test_digits_without_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     try:
-        with pytest.raises(DatasetError, match=r"pip install 'lipmargin\[digits\]'") as err:
+        with pytest.raises(DatasetError, match=r"pip install scikit-learn \(or pip install -e '\.\[digits\]'") as err:
             load_dataset("digits")
         assert_one_line(err)
     finally:

@@ -243,7 +243,7 @@ _HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxs
 
 @pytest.mark.skipif(_HAS_ONNX, reason="onnx and onnxscript are installed")
 def test_onnx_without_the_extra_names_it(digits_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(ImportError, match=r"pip install 'lipmargin\[export\]'"):
+    with pytest.raises(ImportError, match=r"pip install onnx onnxscript onnxruntime \(or pip install -e '\.\[export\]'"):
         export_certified(digits_run, "onnx", tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 

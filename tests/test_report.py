@@ -74,10 +74,10 @@ def test_import_does_not_load_matplotlib() -> None:
 def test_missing_matplotlib_raises_install_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match=r"pip install 'lipmargin\[plot\]'"):
+    with pytest.raises(ImportError, match=r"pip install matplotlib \(or pip install -e '\.\[plot\]'"):
         plots.radius_histogram([0.1, 0.2], [True, True])
     (tmp_path / "summary.json").write_text("{}")
-    with pytest.raises(ImportError, match=r"pip install 'lipmargin\[plot\]'"):
+    with pytest.raises(ImportError, match=r"pip install matplotlib \(or pip install -e '\.\[plot\]'"):
         report.write_run_report(tmp_path)
 
 

@@ -13,6 +13,7 @@ from lipmargin.audit import audit_model
 from lipmargin.certify import model_bound
 from lipmargin.config import ConfigError, config_to_dict, load_preset
 from lipmargin.data import load_dataset, to_float
+from lipmargin.runfolder import RunExistsError
 from lipmargin.sweep import mean_std, parse_grid, run_sweep
 from lipmargin.train import fit, load_run
 
@@ -63,8 +64,9 @@ def test_sweep_tables_resume_and_spec_guard(tmp_path) -> None:
     del spec["base"]["loss"]["cr_gamma"]
     (out / "sweep.json").write_text(json.dumps(spec))
     assert run_sweep(_moons_base(), grid, 2, out) == results
-    with pytest.raises(ConfigError, match="different sweep"):
+    with pytest.raises(RunExistsError, match="different sweep"):
         run_sweep(_moons_base(), {"loss.p": [0.5]}, 1, out)
+    assert run_sweep(_moons_base(), grid, 2, out) == results  # the refused call changed nothing
 
 
 @pytest.fixture(scope="module")

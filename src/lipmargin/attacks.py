@@ -762,7 +762,7 @@ def autoattack_l2(
         import torchattacks  # noqa: PLC0415  (optional dependency, imported on use)
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "autoattack_l2 needs the optional dependency torchattacks: pip install 'lipmargin[attacks]'"
+            "autoattack_l2 needs the optional dependency torchattacks: pip install torchattacks (or pip install -e '.[attacks]' in a lipmargin checkout)"
         ) from err
 
     x = inputs.detach()

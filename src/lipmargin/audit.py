@@ -9,7 +9,7 @@ installed) at the evaluation radius and at each sample's own certified radius; a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,7 @@ def audit_model(
     clamp: tuple[float, float] | None = (0.0, 1.0),
     seed: int = 0,
     checkpoint: CheckpointRef | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> AuditResult:
     """Audit ``model`` on ``(inputs, target)``; ``lobo_inputs`` are the images LOBO starts from.
 
@@ -72,6 +73,9 @@ def audit_model(
 
     Certification uses float64 logits and ``bound`` (sound by default).  Attacks run on a float64
     copy too, so that a "flip" is never an artefact of float32 rounding at the decision boundary.
+
+    ``on_event`` receives ``{"event": "attack", "index": i, "total": n, "name": ..., "samples": k}``
+    before each of the ``n`` stages (the attacks at each eps, at each sample's own radius, LOBO).
     """
     if bound is None:
         bound = model_bound(model, "sound")
@@ -87,6 +91,11 @@ def audit_model(
     cert_acc: dict[float, float] = {}
     robust_acc: dict[float, float] = {}
     attacks = ["pgd-l2"] + (["apgd-ce", "apgd-t"] if use_autoattack else [])
+    stages = len(eps) + 2
+
+    def stage(index: int, name: str, samples: int) -> None:
+        if on_event is not None:
+            on_event({"event": "attack", "index": index, "total": stages, "name": name, "samples": samples})
 
     def broken_by_attacks(x: Tensor, y: Tensor, radius_or_eps: float | Tensor) -> Tensor:
         adv = pgd_l2(m64, x, y, radius_or_eps, steps=pgd_steps, restarts=pgd_restarts, clamp=clamp, generator=gen)
@@ -100,10 +109,11 @@ def audit_model(
                     broken |= _predict(m64, adv2.to(x.dtype)) != y
         return broken
 
-    for e in eps:
+    for k, e in enumerate(eps):
         certified = correct & (radius > e)
         cert_acc[float(e)] = float(certified.sum()) / max(n, 1)
         idx = correct.nonzero().flatten()
+        stage(k + 1, f"{'+'.join(attacks)} at eps {float(e):g}", int(idx.numel()))
         robust = torch.zeros_like(correct)
         if idx.numel():
             broken = broken_by_attacks(x64[idx], target[idx], float(e))
@@ -115,12 +125,14 @@ def audit_model(
     # Each certified sample at (just inside) its own radius: the strongest claim the bound makes.
     own = correct & torch.isfinite(radius) & (radius > 0)
     idx = own.nonzero().flatten()
+    stage(len(eps) + 1, "pgd-l2 at each sample's own radius", int(idx.numel()))
     if idx.numel():
         r = radius[idx] * (1 - 1e-6)
         broken = broken_by_attacks(x64[idx], target[idx], r)
         for i in idx[broken].tolist():
             violations.append({"index": i, "eps": float(radius[i]), "radius": float(radius[i]), "kind": "own-radius"})
 
+    stage(stages, f"LOBO ({lobo_pairs} pairs, {lobo_steps} steps)", lobo_pairs)
     lower = lipschitz_lower_bound(
         m64, lobo_inputs.to(device=device, dtype=torch.float64), pairs=lobo_pairs, steps=lobo_steps, lr=lobo_lr, clamp=clamp,
         generator=torch.Generator(device=device).manual_seed(seed),

@@ -15,7 +15,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -232,6 +232,7 @@ def certify(
     method: str = "sound",
     input_shape: Sequence[int] | None = None,
     checkpoint: CheckpointRef | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> CertifyResult:
     """Certify every sample of ``batches`` at each radius in ``eps``.
 
@@ -243,7 +244,8 @@ def certify(
     computed from the model's current weights (else ``ValueError``).  Inputs of another shape than
     the bound's raise ``ValueError``.  ``checkpoint`` (e.g.
     :attr:`lipmargin.train.LoadedRun.checkpoint`) is recorded in the result, so that it names the
-    weights it certifies.
+    weights it certifies.  ``on_event`` receives ``{"event": "certify", "samples": n}`` after each
+    batch (``n`` samples done so far).
     """
     if any(not (isinstance(e, (int, float)) and e >= 0) for e in eps):
         raise ValueError(f"eps values must be numbers >= 0; got {list(eps)}")
@@ -267,6 +269,8 @@ def certify(
         radii.append(r.cpu())
         preds.append(c.cpu())
         targets.append(y.cpu())
+        if on_event is not None:
+            on_event({"event": "certify", "samples": sum(len(t) for t in targets)})
     radius = torch.cat(radii) if radii else torch.zeros(0, dtype=torch.float64)
     prediction = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     target = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)

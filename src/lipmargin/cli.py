@@ -2,7 +2,11 @@
 
 Every command is a function of parsed arguments returning an exit code; ``main(argv)`` is what the
 console script and the tests call.  Expected failures (bad config, missing data, damaged
-checkpoint) print one line to stderr and return 2; ``--debug`` shows the traceback instead.
+checkpoint, a run folder that would be overwritten, out of memory) print one line to stderr and
+return 2; ``--debug`` shows the traceback instead.
+
+Building the parser imports neither torch nor the heavy parts of lipmargin (each command imports
+what it needs when it runs), so ``--help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 __all__ = ["main", "entry", "COMMANDS"]
 
@@ -44,41 +48,16 @@ def _err(message: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Progress bar (stderr, only on a terminal)
+# Progress (stderr; lipmargin.cli_progress draws it)
 # --------------------------------------------------------------------------------------------
 
 
-class ProgressBar:
-    def __init__(self, stream: TextIO, enabled: bool) -> None:
-        self.stream, self.enabled = stream, enabled
-        self.total = 0
-        self.t0 = time.perf_counter()
+def _progress(args: argparse.Namespace, enabled: bool = True) -> Any:
+    """The progress display for a command: silent with --quiet, a line every --progress-every
+    seconds when stderr is not a terminal."""
+    from lipmargin.cli_progress import Progress
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        kind = event.get("event")
-        if kind == "start":
-            self.total = int(event["epochs"])
-            self.t0 = time.perf_counter()
-        elif kind == "epoch":
-            done = int(event["epoch"])
-            width = 24
-            fill = int(width * done / max(self.total, 1))
-            k = event.get("lipschitz_per_layer") or []
-            kk = 1.0
-            for v in k:
-                kk *= v
-            text = (
-                f"\repoch {done}/{self.total} [{'#' * fill}{'.' * (width - fill)}] "
-                f"loss {event['train_loss']:.4f} acc {event['train_accuracy']:.3f} K {kk:.3g} "
-                f"{time.perf_counter() - self.t0:.0f}s"
-            )
-            self.stream.write(text)
-            self.stream.flush()
-        elif kind == "end":
-            self.stream.write("\n")
-            self.stream.flush()
+    return Progress(sys.stderr, enabled=enabled and not args.quiet, every=args.progress_every)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +76,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     p.add_argument("--out", help="run folder (default runs/<preset>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest intact checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds a run: move it aside to OUT.old-<time> and start again (nothing is deleted)")
 
 
 def _format_table(summary: dict[str, Any], run_dir: Path) -> str:
@@ -113,12 +93,17 @@ def _format_table(summary: dict[str, Any], run_dir: Path) -> str:
 
 @command("train", "train a model from a preset / YAML config", _train_args)
 def _train(args: argparse.Namespace) -> int:
+    from lipmargin.cli_progress import train_progress
     from lipmargin.config import DEFAULT_PRESET, load_config
+    from lipmargin.runfolder import RunExistsError
     from lipmargin.train import fit
 
     if args.resume:
         if args.config or args.preset or args.overrides:
             _err("--resume continues a run with its saved config; drop CONFIG, --preset and --set")
+            return EXIT_USAGE
+        if args.overwrite:
+            _err("--resume continues the run in RUN_DIR; --overwrite would move it aside: choose one")
             return EXIT_USAGE
         out = Path(args.resume)
         cfg = None
@@ -129,25 +114,34 @@ def _train(args: argparse.Namespace) -> int:
     from lipmargin.train import dist_info_from_env
 
     is_main = dist_info_from_env().is_main  # under torchrun only rank 0 talks
-    bar = ProgressBar(sys.stderr, enabled=is_main and not args.quiet and sys.stderr.isatty())
-    if cfg is None:
-        import warnings
+    show = train_progress(_progress(args, enabled=is_main))
 
-        from lipmargin.config import RunConfig
-        from lipmargin.train import CheckpointSkippedWarning
+    def on_event(event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "moved" and is_main:  # said even with --quiet
+            print(f"lipmargin: moved the old run {event['run_dir']} to {event['moved_to']}", file=sys.stderr, flush=True)
+        elif kind == "checkpoint_skipped":  # said even with --quiet
+            if is_main:
+                print(f"lipmargin: warning: {event['message']}", file=sys.stderr, flush=True)
+        else:
+            show(event)
 
-        def on_event(event: dict[str, Any]) -> None:
-            if event.get("event") == "checkpoint_skipped":  # said here, even with --quiet
-                if is_main:
-                    print(f"lipmargin: warning: {event['message']}", file=sys.stderr, flush=True)
-                return
-            bar(event)
+    try:
+        if cfg is None:
+            import warnings
 
-        with warnings.catch_warnings():  # the event above already said it, on one line
-            warnings.simplefilter("ignore", CheckpointSkippedWarning)
-            summary = fit(RunConfig(), out, resume=True, on_event=on_event)
-    else:
-        summary = fit(cfg, out, on_event=bar)
+            from lipmargin.config import RunConfig
+            from lipmargin.train import CheckpointSkippedWarning
+
+            with warnings.catch_warnings():  # the event above already said it, on one line
+                warnings.simplefilter("ignore", CheckpointSkippedWarning)
+                summary = fit(RunConfig(), out, resume=True, on_event=on_event)
+        else:
+            summary = fit(cfg, out, overwrite=args.overwrite, on_event=on_event)
+    except RunExistsError as e:
+        _err(f"{e.path} already holds a run ({', '.join(e.found)}); continue it with `lipmargin train --resume "
+             f"{e.path}`, or add --overwrite to move it aside and start again (or choose another --out)")
+        return EXIT_USAGE
     if is_main and not args.quiet:
         print(_format_table(summary, out))
     return 0
@@ -253,7 +247,7 @@ def _certify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bound", default="sound", help="sound (default, provable) or power (converged power iteration)")
     p.add_argument("--split", default="test", choices=["test", "train"], help="which split to certify")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     _user_model_args(p)
 
 
@@ -292,19 +286,23 @@ def _load_certifiable(
 
 @command("certify", "certified accuracy of a trained run", _certify_args)
 def _certify(args: argparse.Namespace) -> int:
+    _require_target(args)  # before torch is imported
     from lipmargin.certify import certify, model_bound
+    from lipmargin.cli_progress import certify_progress
     from lipmargin.train import eval_batches
 
-    _require_target(args)
     if args.model:
         model, shape, eps_items, ds, device = _load_user_target(args, args.split)
         epoch, batch_size, source, ref = None, args.batch_size, args.model, None
     else:
         cfg, model, epoch, eps_items, ds, device, ref = _load_certifiable(args, args.split)
         shape, batch_size, source = model.in_shape, cfg.eval.batch_size, args.run_dir
+    progress = _progress(args)
+    progress.status(f"certify: computing the {args.bound} bound", force=True)
     bounds = {name: model_bound(model, name, input_shape=shape) for name in sorted({args.bound, "power", "sound"})}
     result = certify(model, eval_batches(ds, batch_size, device), [v for _, v in eps_items], bound=bounds[args.bound],
-                     checkpoint=ref)
+                     checkpoint=ref, on_event=certify_progress(progress, len(ds)))
+    progress.clear()
     cert = {label: result.certified_accuracy[float(v)] for label, v in eps_items}
     payload = {
         "clean_accuracy": result.clean_accuracy,
@@ -348,12 +346,15 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell: train.seed, train.seed+1, ... (default: the preset's sweep.seeds, else 1)")
     p.add_argument("--out", required=True, help="sweep folder (re-running continues where it stopped)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (they share a GPU, or spread over several)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out (or a cell in it) holds runs of a different config: move them aside to *.old-<time>")
 
 
 @command("sweep", "train a grid of configs x seeds and tabulate mean / std", _sweep_args)
 def _sweep(args: argparse.Namespace) -> int:
+    from lipmargin.cli_progress import train_progress
     from lipmargin.config import config_to_dict, load_config
+    from lipmargin.runfolder import RunExistsError
     from lipmargin.sweep import parse_grid, run_sweep
 
     cfg = load_config(args.config, preset=args.preset, overrides=args.overrides)
@@ -362,12 +363,24 @@ def _sweep(args: argparse.Namespace) -> int:
     grid = parse_grid(args.grid or list(cfg.sweep.grid))
     seeds = args.seeds if args.seeds is not None else cfg.sweep.seeds
     verbose = not args.quiet
+    display = _progress(args)
+    run_events = train_progress(display)
 
     def progress(event: dict[str, Any]) -> None:
-        if verbose and event.get("event") == "run":
-            print(f"[{event['index']}/{event['total']}] {event['status']:<6} {event['run_dir']}", file=sys.stderr, flush=True)
+        kind = event.get("event")
+        if kind == "moved":  # said even with --quiet
+            display.clear()
+            print(f"lipmargin: moved {event['run_dir']} to {event['moved_to']}", file=sys.stderr, flush=True)
+        elif kind == "run":
+            display.line(f"[{event['index']}/{event['total']}] {event['status']:<6} {event['run_dir']}")
+        else:  # the current run's training progress
+            run_events(event)
 
-    run_sweep(base, grid, seeds, args.out, on_event=progress, jobs=args.jobs)
+    try:
+        run_sweep(base, grid, seeds, args.out, on_event=progress, jobs=args.jobs, overwrite=args.overwrite)
+    except RunExistsError as e:
+        _err(f"{e}; re-run with --overwrite to move it aside (nothing is deleted), or choose another --out")
+        return EXIT_USAGE
     if verbose:
         print((Path(args.out) / "results.md").read_text(), end="")
         print(f"results: {Path(args.out) / 'results.json'}")
@@ -378,6 +391,8 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_OR_SWEEP_DIR")
     p.add_argument("--out", help="folder for report.md and the figures (default: the run / sweep folder)")
     _checkpoint_arg(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds a report: move its report files to OUT/previous-report-<time>/ first")
 
 
 @command("report", "write report.md with figures for a run or a sweep", _report_args)
@@ -387,6 +402,17 @@ def _report(args: argparse.Namespace) -> int:
     except ImportError as e:  # matplotlib missing
         _err(str(e))
         return EXIT_USAGE
+    if args.out is not None:
+        from lipmargin.runfolder import move_report_aside, report_files
+
+        found = report_files(args.out)
+        if found and not args.overwrite:
+            _err(f"{args.out} already holds a report ({found[0]}{' and more' if len(found) > 1 else ''}); "
+                 "add --overwrite to move the old report files aside, or choose another --out")
+            return EXIT_USAGE
+        if found:
+            moved = move_report_aside(args.out, found)
+            print(f"lipmargin: moved the old report files of {args.out} to {moved}", file=sys.stderr, flush=True)
     try:
         path = write_report(args.path, args.out, checkpoint=args.checkpoint)
     except ImportError as e:
@@ -407,7 +433,7 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lobo-pairs", type=int, default=500, help="LOBO pairs (the paper: 4000)")
     p.add_argument("--lobo-steps", type=int, default=200, help="LOBO Adam steps (the paper: 1000)")
     p.add_argument("--lobo-lr", type=float, default=3e-4)
-    p.add_argument("--autoattack", action="store_true", help="also run APGD-CE / APGD-T (needs lipmargin[attacks])")
+    p.add_argument("--autoattack", action="store_true", help="also run APGD-CE / APGD-T (needs the torchattacks package)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="auto")
@@ -440,7 +466,9 @@ def _audit(args: argparse.Namespace) -> int:
 
     # A sweep folder: audit each finished run not yet audited with these settings, then refresh
     # the sweep's results tables (they gain the audit column).
-    runs = sorted(d for d in (root / "cells").glob("*/seed-*") if (d / "summary.json").is_file())
+    # seed-<n> only: a run moved aside by --overwrite (seed-0.old-<time>) is not part of the sweep.
+    runs = sorted(d for d in (root / "cells").glob("*/seed-*")
+                  if d.name[5:].lstrip("-").isdigit() and (d / "summary.json").is_file())
     if not runs:
         raise ValueError(f"{root}: a sweep folder without finished runs; run `lipmargin sweep` first")
     if args.checkpoint is not None and len(Path(args.checkpoint).parts) > 1:
@@ -495,6 +523,7 @@ def _audit_one(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]
     from lipmargin.audit import audit_model
     from lipmargin.checkpoint import atomic_write_text
     from lipmargin.certify import model_bound
+    from lipmargin.cli_progress import audit_progress
     from lipmargin.data import input_box, to_float
 
     if run_dir is None:
@@ -517,6 +546,7 @@ def _audit_one(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]
         pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts,
         lobo_pairs=args.lobo_pairs, lobo_steps=args.lobo_steps, lobo_lr=args.lobo_lr,
         use_autoattack=args.autoattack, clamp=input_box(test.inputs), seed=args.seed, checkpoint=ref,
+        on_event=audit_progress(_progress(args), f"audit {run_dir or args.model}"),
     )
     labels = {float(v): label for label, v in eps_items}
     payload = {
@@ -557,7 +587,7 @@ def _print_audit(run_dir: Path | str, payload: dict[str, Any]) -> None:
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     _checkpoint_arg(p)
-    p.add_argument("--format", required=True, help="torchscript, onnx (needs lipmargin[export]) or torch-export")
+    p.add_argument("--format", required=True, help="torchscript, onnx (needs onnx, onnxscript, onnxruntime) or torch-export")
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--no-check", action="store_true", help="skip re-checking the export against certify")
     p.add_argument("--batch-size", type=int, default=1000)
@@ -565,11 +595,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 @command("export", "write a self-contained predictor returning (label, radius) with the sound bound baked in", _export_args)
 def _export(args: argparse.Namespace) -> int:
+    from lipmargin.cli_progress import export_progress
     from lipmargin.export import export_certified
 
     try:
         r = export_certified(args.run_dir, args.format, args.out, check=not args.no_check, batch_size=args.batch_size,
-                             checkpoint=args.checkpoint)
+                             checkpoint=args.checkpoint, on_event=export_progress(_progress(args)))
     except ImportError as e:  # the optional extra for the format is missing
         _err(str(e))
         return EXIT_USAGE
@@ -633,25 +664,94 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lipmargin {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice; 1 helps on a busy shared machine)")
+                        help="CPU threads for torch (default: the cores no other process is busy on, from /proc; "
+                             "OMP_NUM_THREADS, when set, is respected)")
+    _output_args(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, configure, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+        _output_args(sp, argparse.SUPPRESS)
         configure(sp)
     return parser
+
+
+def _output_args(p: argparse.ArgumentParser, default: Any) -> None:
+    """--quiet and --progress-every, before or after the command name (``default`` SUPPRESS on the
+    sub-commands, so that they do not reset a value given before the command)."""
+    p.add_argument("--quiet", action="store_true", default=False if default is None else default,
+                   help="no progress output (train: no result table either)")
+    p.add_argument("--progress-every", type=_seconds, default=30.0 if default is None else default, metavar="SECONDS",
+                   help="when stderr is not a terminal, a progress line every SECONDS (default 30)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0; got {text}")
+    return value
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from lipmargin.checkpoint import CheckpointError
     from lipmargin.config import ConfigError
     from lipmargin.data import DatasetError
+    from lipmargin.runfolder import RunExistsError
     from lipmargin.sweep import SweepError
     from lipmargin.train import TrainingError
 
     # ValueError: any other invalid argument met deeper in the library (its messages name the
     # argument); OSError: a folder that cannot be written, a full disk.
-    return (ConfigError, DatasetError, CheckpointError, TrainingError, SweepError, ValueError, OSError)
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, SweepError, RunExistsError, ValueError, OSError)
+
+
+#: Per command, the knobs that lower memory use (named in the out-of-memory message).
+_MEMORY_KNOBS = {
+    "train": "a smaller --set train.batch_size=N (or --set eval.batch_size=N), or --set train.device=cpu",
+    "sweep": "a smaller --set train.batch_size=N, fewer --jobs, or --set train.device=cpu",
+    "certify": "--device cpu, or a smaller eval.batch_size in the run's config.yaml",
+    "audit": "a smaller --n, --lobo-pairs, or --device cpu",
+    "export": "a smaller --batch-size",
+    "report": "a smaller eval.batch_size in the run's config.yaml",
+}
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """torch.OutOfMemoryError (a RuntimeError), CPU allocator failures and MemoryError."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _memory_message(command: str, e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if len(first) > 160:
+        first = first[:157] + "..."
+    knobs = _MEMORY_KNOBS.get(command, "a smaller batch size or another --device")
+    return f"out of memory ({first}); try {knobs}"
+
+
+def _set_threads(threads: int | None) -> str | None:
+    """Set torch's CPU threads: ``--threads``, else OMP_NUM_THREADS when set (torch reads it itself),
+    else :func:`lipmargin.threads.auto_threads`.  Returns an error message for a bad value."""
+    import os
+
+    if threads is not None and threads < 1:
+        return f"--threads must be >= 1; got {threads}"
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return None
+        from lipmargin.threads import auto_threads
+
+        threads = auto_threads()
+    import torch
+
+    torch.set_num_threads(threads)  # the CLI owns the process; the library never does this
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -665,23 +765,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     fn = COMMANDS[args.command][0]
     debug = bool(getattr(args, "debug", False))
-    if args.threads is not None:
-        if args.threads < 1:
-            _err(f"--threads must be >= 1; got {args.threads}")
-            return EXIT_USAGE
-        import torch
-
-        torch.set_num_threads(args.threads)  # the CLI owns the process; the library never does this
+    problem = _set_threads(args.threads)
+    if problem:
+        _err(problem)
+        return EXIT_USAGE
     try:
         return fn(args)
+    except (MemoryError, RuntimeError) as e:
+        if debug or not (_out_of_memory(e) or isinstance(e, _expected_errors())):
+            raise
+        _err(_memory_message(args.command, e) if _out_of_memory(e) else _first_line(e))
+        return EXIT_USAGE
+    except (ValueError, OSError) as e:  # bad input (the library's errors subclass ValueError); no import needed
+        if debug:
+            raise
+        _err(_first_line(e))
+        return EXIT_USAGE
     except _expected_errors() as e:
         if debug:
             raise
-        _err(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _err(_first_line(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def entry() -> None:

@@ -658,7 +658,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     except ImportError as err:
         raise DatasetError(
             "digits: the 8x8 digits ship with scikit-learn, which is not installed; "
-            "install it with: pip install 'lipmargin[digits]'"
+            "install it with: pip install scikit-learn (or pip install -e '.[digits]' in a lipmargin checkout)"
         ) from err
     bunch = load_digits()
     images = (np.asarray(bunch.data, dtype=np.float64) / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)

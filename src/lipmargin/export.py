@@ -86,7 +86,7 @@ __all__ = [
 #: Largest relative difference allowed between an exported radius and the one of ``certify``.
 CHECK_RTOL = 1e-5
 
-_EXTRA_HINT = "pip install 'lipmargin[export]'"
+_EXTRA_HINT = "pip install onnx onnxscript onnxruntime (or pip install -e '.[export]' in a lipmargin checkout)"
 
 #: The name of the metadata in an exported file: an extra file in TorchScript / torch-export
 #: archives (JSON text), absent in ONNX, whose ``metadata_props`` hold the same keys and values.
@@ -582,6 +582,7 @@ def export_certified(
     check: bool = True,
     batch_size: int = 1000,
     checkpoint: str | Path | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> ExportResult:
     """Export the run's newest checkpoint (or ``checkpoint``) as a certified predictor in format ``fmt``.
 
@@ -594,6 +595,7 @@ def export_certified(
         batch_size: samples per forward pass in the check.
         checkpoint: a checkpoint name (``epoch-000001``) or file instead of the newest; a damaged
             newest checkpoint is an error, never a reason to export an older one.
+        on_event: receives ``{"event": "export", "stage": text}`` as each stage begins.
 
     The file's metadata (:func:`read_export_metadata`) names the checkpoint and its SHA-256.
 
@@ -609,8 +611,10 @@ def export_certified(
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     out = Path(out)
-    loaded = open_run(run_dir, "cpu", checkpoint=checkpoint)
+    emit = on_event or (lambda event: None)
+    loaded = open_run(run_dir, "cpu", checkpoint=checkpoint)  # a damaged run fails before any progress line
     cfg, model, epoch = loaded.config, loaded.model, loaded.epoch
+    emit({"event": "export", "stage": "computing the sound bound"})
     bound = model_bound(model, "sound")
     predictor = build_predictor(model, bound)
     example = torch.zeros(2, *model.in_shape)  # batch 2: no exporter may specialise on 1
@@ -619,6 +623,7 @@ def export_certified(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         work = Path(tmp).resolve()  # the check runs with cwd=work: every path it gets must be absolute
         staged = work / f"model{exporter.suffix}"
+        emit({"event": "export", "stage": f"writing the {fmt} file"})
         exporter.save(predictor, example, staged)
         if exporter.write_metadata is not None:
             exporter.write_metadata(staged, export_metadata(loaded.checkpoint, fmt))
@@ -634,7 +639,9 @@ def export_certified(
                 (to_float(test.inputs[i : i + batch_size]), test.labels[i : i + batch_size])
                 for i in range(0, len(test), batch_size)
             ]
+            emit({"event": "export", "stage": f"certifying the {len(test)} test samples for the check"})
             reference = certify(model, batches, [], method="sound")
+            emit({"event": "export", "stage": f"running the {fmt} file on them in a fresh process"})
             result = _run_fresh_process(exporter, staged, test.inputs, batch_size, work)
             label, radius = result["label"], result["radius"]
             runtime = str(result["runtime"])

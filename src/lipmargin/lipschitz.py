@@ -119,6 +119,8 @@ def register_layer_rule(*types: type | str, override: bool = False, **rule_field
 
 def find_layer_rule(module: nn.Module) -> LayerRule | None:
     """The rule registered for ``type(module)`` exactly, or ``None``."""
+    if nn.Linear not in LAYER_RULES:
+        import lipmargin.torch_layers  # noqa: F401  (registers torch's layers; it imports this module)
     cls = type(module)
     rule = LAYER_RULES.get(cls)
     return rule if rule is not None else PEER_LAYER_RULES.get(_class_key(cls))

@@ -36,7 +36,7 @@ ArrayLike = Tensor | np.ndarray | Sequence[float]
 #: Swept parameters drawn on a log x axis whatever their values (CLL's p spans decades).
 LOG_SCALE_PARAMS = frozenset({"loss.p", "optim.lr", "loss.lipschitz_penalty", "optim.weight_decay"})
 
-_INSTALL_HINT = "pip install 'lipmargin[plot]'"
+_INSTALL_HINT = "pip install matplotlib (or pip install -e '.[plot]' in a lipmargin checkout)"
 
 
 def _new_figure(**kwargs: Any) -> Figure:

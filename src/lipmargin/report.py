@@ -192,7 +192,7 @@ def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ImportError("lipmargin reports need matplotlib: pip install 'lipmargin[plot]'") from None
+        raise ImportError("lipmargin reports need matplotlib: pip install matplotlib (or pip install -e '.[plot]' in a lipmargin checkout)") from None
 
 
 def _config_table(cfg: Mapping[str, Any]) -> list[str]:

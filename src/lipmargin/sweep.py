@@ -7,7 +7,9 @@ Layout of a sweep folder::
     DIR/results.{json,csv,md}           one row per cell: mean and std over seeds
 
 Invoking the same sweep again skips finished runs, resumes interrupted ones from their newest
-intact checkpoint and starts the missing ones.
+intact checkpoint and starts the missing ones.  A folder (or a cell) holding runs of a different
+config is never overwritten: :class:`~lipmargin.runfolder.RunExistsError`, or with
+``overwrite=True`` the old folder is renamed to ``*.old-<time>`` first.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import yaml
 
 from lipmargin.checkpoint import atomic_write_text, latest_checkpoint
 from lipmargin.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict
-from lipmargin.train import eps_key, fit
+from lipmargin.runfolder import RunExistsError, move_aside, run_files
+from lipmargin.train import eps_key, fit, same_run_config
 
 __all__ = ["parse_grid", "expand_grid", "cell_name", "run_sweep", "write_results", "audit_summary", "aggregate", "mean_std", "SweepError"]
 
@@ -92,11 +95,14 @@ def run_sweep(
     *,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     jobs: int = 1,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train every (cell, seed) into ``out_dir`` and write the results tables; returns results.
 
     ``jobs`` > 1 trains that many runs at once in separate processes (on one GPU they share it; with
-    several visible GPUs they are spread over them).
+    several visible GPUs they are spread over them).  ``on_event`` receives ``run`` events (one per
+    run: done / start / resume / finished / failed), ``moved`` events (``overwrite``) and, with
+    ``jobs=1``, the running run's :func:`~lipmargin.train.fit` events.
     """
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1; got {seeds}")
@@ -117,7 +123,9 @@ def run_sweep(
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             previous = None
         if previous != json.loads(json.dumps(spec)):
-            raise ConfigError(f"{out} holds a different sweep (see {spec_path}); choose another --out")
+            if not overwrite:
+                raise RunExistsError(f"{out} holds a different sweep (see {spec_path})", out, ["sweep.json"])
+            emit({"event": "moved", "run_dir": str(out), "moved_to": str(move_aside(out))})
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec_path, json.dumps(spec, indent=1))
 
@@ -128,6 +136,19 @@ def run_sweep(
             values = apply_overrides(config_to_dict(base_cfg), _override_strings(params) + [f"train.seed={seed}"])
             cfg = config_from_dict(values)
             plan.append((params, seed, cfg, out / "cells" / cell_name(params) / f"seed-{seed}"))
+
+    # A cell holding a run of another config (a changed lipmargin default, a hand-edited folder)
+    # is neither reused nor overwritten.
+    foreign = [(run_dir, cfg) for _, _, cfg, run_dir in plan if run_files(run_dir) and not same_run_config(run_dir, cfg)]
+    if foreign and not overwrite:
+        run_dir = foreign[0][0]
+        raise RunExistsError(
+            f"{run_dir} holds a run of a different config than this sweep's"
+            + (f" (and {len(foreign) - 1} more cells)" if len(foreign) > 1 else ""),
+            run_dir, run_files(run_dir),
+        )
+    for run_dir, _ in foreign:
+        emit({"event": "moved", "run_dir": str(run_dir), "moved_to": str(move_aside(run_dir))})
 
     todo: list[tuple[dict[str, Any], RunConfig, Path, bool]] = []
     for i, (params, seed, cfg, run_dir) in enumerate(plan):
@@ -140,7 +161,7 @@ def run_sweep(
     if jobs == 1:
         for event, cfg, run_dir, resume in todo:
             emit({**event, "status": "resume" if resume else "start"})
-            fit(cfg, run_dir, resume=resume)
+            fit(cfg, run_dir, resume=resume, on_event=emit)
     else:
         _run_parallel(todo, jobs, emit)
     return write_results(out)
@@ -206,7 +227,9 @@ def _run_parallel(
     slots = ctx.Queue()
     for k in range(jobs):
         slots.put(devices[k % len(devices)] if devices else None)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    from lipmargin.threads import auto_threads
+
+    threads = max(1, auto_threads() // jobs)  # the cores free now, shared by the workers
     failures: list[str] = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(slots, threads)) as pool:
         futures = {}

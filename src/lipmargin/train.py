@@ -1,7 +1,7 @@
 """Training: ``fit(config, out_dir)``, one epoch, evaluation, checkpoints and resume.
 
 The library does not print: progress is reported through the optional ``on_event`` callback
-(the CLI draws the progress bar).
+(the CLI draws the progress display).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from lipmargin.losses import (
     lipschitz_penalty,
 )
 from lipmargin.models import LipschitzNet, create_model
+from lipmargin.runfolder import RunExistsError, move_aside, run_files
 
 __all__ = [
     "TRAIN_LOSSES",
@@ -317,12 +318,14 @@ def train_one_epoch(
     *,
     step_module: nn.Module | None = None,
     dist: DistInfo = DistInfo(),
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> EpochStats:
     """One pass over ``loader``; ``epoch`` counts from 1.  Raises TrainingError on a non-finite loss.
 
     ``step_module`` maps a batch to ``(logits, K)`` (a :class:`TrainStep`, possibly wrapped in
     DistributedDataParallel); by default a plain TrainStep of ``model``.  Loss and accuracy are
-    summed over all ranks.
+    summed over all ranks.  ``on_batch(steps_done, samples_done)`` is called after every step
+    (this rank's samples; it must be cheap: it runs in the hot loop).
     """
     step_fn = step_module if step_module is not None else TrainStep(model, cfg.train.power_iters)
     batch_size = cfg.train.batch_size
@@ -362,6 +365,8 @@ def train_one_epoch(
         total_loss += loss.detach().double() * y.shape[0]
         correct += (logits.detach().argmax(1) == y).sum()
         seen += y.shape[0]
+        if on_batch is not None:
+            on_batch(step + 1, seen)
     if dist.world_size > 1:
         totals = torch.stack([total_loss, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64),
                               (first_bad >= 0).double()])
@@ -384,14 +389,23 @@ def train_one_epoch(
 
 
 def evaluate(
-    model: LipschitzNet, ds: ArrayDataset, eps: Iterable[float], *, method: str, batch_size: int = 1000
+    model: LipschitzNet,
+    ds: ArrayDataset,
+    eps: Iterable[float],
+    *,
+    method: str,
+    batch_size: int = 1000,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> CertifyResult:
-    """Clean and certified accuracy of ``model`` on ``ds`` with the named bound method."""
+    """Clean and certified accuracy of ``model`` on ``ds`` with the named bound method.
+
+    ``on_event`` receives :func:`lipmargin.certify.certify`'s progress events.
+    """
     device = next(model.parameters()).device
     # On a copy: converging the power iteration must not move the training model's vectors, so
     # that evaluating (or not) never changes how training goes on.
     bound = model_bound(copy.deepcopy(model), method)
-    return certify(model, eval_batches(ds, batch_size, device), list(eps), bound=bound)
+    return certify(model, eval_batches(ds, batch_size, device), list(eps), bound=bound, on_event=on_event)
 
 
 def eps_key(eps: float) -> str:
@@ -477,6 +491,7 @@ def fit(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir``; returns the summary (also written to ``summary.json``).
@@ -489,11 +504,31 @@ def fit(
     :class:`CheckpointSkippedWarning`.  ``summary.json`` names the final checkpoint under
     ``"checkpoint"``: ``{"path"`` (relative to ``out_dir``), ``"epoch"``, ``"sha256"`` (of the
     ``.safetensors`` file's bytes)``}``.
+
+    A folder that already holds a run is never overwritten: without ``resume`` it raises
+    :class:`~lipmargin.runfolder.RunExistsError`, unless ``overwrite`` is set, in which case the old
+    run is renamed to ``<out_dir>.old-<time>`` (an ``{"event": "moved"}`` says where) once the new
+    config has loaded its data.  A folder where the same config started but saved no checkpoint
+    is simply restarted (nothing would be lost).
+
+    ``on_event`` receives dicts: ``start``, ``batch`` (after every step), ``eval`` (evaluation
+    progress), ``epoch`` (the metrics record), ``end`` (the summary) and ``moved``.
     """
     out = Path(out_dir)
     emit = on_event or (lambda event: None)
     start_epoch = 0
     checkpoint = None
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    replace = False
+    if not resume:
+        found = replaced_run_files(out, cfg)
+        if found and not overwrite:
+            raise RunExistsError(
+                f"{out} already holds a run ({', '.join(found)}); continue it (resume) or move it aside (overwrite)",
+                out, found,
+            )
+        replace = bool(found)
     if resume:
         checkpoint, skipped = newest_intact_checkpoint(out / "checkpoints")
         if checkpoint is None:
@@ -510,7 +545,29 @@ def fit(
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     with _process_group(dist, device):
-        return _fit(cfg, out, device, dist, checkpoint, start_epoch, emit)
+        return _fit(cfg, out, device, dist, checkpoint, start_epoch, emit, replace)
+
+
+def replaced_run_files(out: str | Path, cfg: RunConfig) -> list[str]:
+    """What a fresh run of ``cfg`` in ``out`` would destroy (see :data:`~lipmargin.runfolder.RUN_FILES`).
+
+    Empty for a new or empty folder, and for one where the same config started but never reached
+    a checkpoint (only ``config.yaml`` and maybe ``metrics.jsonl``): restarting that loses nothing.
+    """
+    folder = Path(out)
+    found = run_files(folder)
+    if found and set(found) <= {"config.yaml", "metrics.jsonl"} and same_run_config(folder, cfg):
+        return []
+    return found
+
+
+def same_run_config(run_dir: str | Path, cfg: RunConfig) -> bool:
+    """Whether ``run_dir/config.yaml`` resolves to ``cfg`` (False when missing or unreadable)."""
+    try:
+        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        return config_to_dict(config_from_dict(saved)) == config_to_dict(cfg)
+    except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError):
+        return False
 
 
 def _fit(
@@ -521,6 +578,7 @@ def _fit(
     checkpoint: Any,
     start_epoch: int,
     emit: Callable[[dict[str, Any]], None],
+    replace: bool = False,
 ) -> dict[str, Any]:
     ckpt_dir = out / "checkpoints"
     main = dist.is_main
@@ -532,6 +590,8 @@ def _fit(
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if main:
+        if replace and run_files(out):
+            emit({"event": "moved", "run_dir": str(out), "moved_to": str(move_aside(out))})
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     optimizer = build_optimizer(model, cfg, device)
@@ -568,13 +628,19 @@ def _fit(
         data.train, cfg.train.batch_size, device=device, shuffle=True, augment=aug, seed=cfg.train.seed,
         rank=dist.rank, world_size=dist.world_size,
     )
-    emit({"event": "start", "epochs": cfg.train.epochs, "start_epoch": start_epoch, "device": str(device)})
+    emit({"event": "start", "epochs": cfg.train.epochs, "start_epoch": start_epoch, "device": str(device),
+          "steps": len(loader), "samples": len(data.train)})
     last_eval: CertifyResult | None = None
     board = _TensorBoard(out / "tensorboard") if main else None
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         loader.set_epoch(epoch)
+
+        def on_batch(step: int, seen: int, epoch: int = epoch) -> None:
+            emit({"event": "batch", "epoch": epoch, "step": step, "samples": seen})
+
         stats = train_one_epoch(
-            model, loader, optimizer, train_loss, cfg, epoch, len(loader), step_module=step_module, dist=dist
+            model, loader, optimizer, train_loss, cfg, epoch, len(loader), step_module=step_module, dist=dist,
+            on_batch=on_batch,
         )
         scheduler.step()
         train_seconds += stats.seconds
@@ -589,7 +655,8 @@ def _fit(
         }
         is_last = epoch == cfg.train.epochs
         if is_last or (cfg.eval.every > 0 and epoch % cfg.eval.every == 0):
-            last_eval = evaluate(model, data.eval, cfg.eval.eps, method=cfg.eval.bound, batch_size=cfg.eval.batch_size)
+            last_eval = evaluate(model, data.eval, cfg.eval.eps, method=cfg.eval.bound, batch_size=cfg.eval.batch_size,
+                                 on_event=lambda e: emit({**e, "event": "eval", "total": len(data.eval)}))
             record.update(metrics_record(last_eval))
             record["eval_split"] = data.eval_split
         if not main:
