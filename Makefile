@@ -22,6 +22,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 		|| $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
 	fi
 	$(PIP) install -q -e ".[dev]"
+	# --no-deps: torchattacks declares torchvision, which would pull another torch over this one;
+	# it never imports torchvision, and its other requirements come with the [dev] extra.
+	$(PIP) install -q --no-deps "torchattacks>=3.5"
 	@touch $@
 
 setup: $(VENV)/.installed
@@ -30,10 +33,10 @@ demo: setup
 	$(BIN)/lipmargin train --preset digits-cll --out runs/demo
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow" -rN $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -rs $(PYTEST_ARGS)
 
 test-all: setup
-	$(BIN)/python -m pytest -rN $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -rs $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
