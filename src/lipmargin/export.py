@@ -1,12 +1,13 @@
 """Export a trained run as a self-contained certified predictor (TorchScript or ONNX).
 
 The exported model maps a batch of inputs to ``(label (B,) int64, radius (B,) float64)``: the
-prediction and a certified L2 radius, ``min_{j != c} (f_c - f_j - 3 sqrt(2) err) / L[c, j]``
+prediction and a certified L2 radius, ``min_{j != c} (f_c - f_j - k sqrt(2) err) / L[c, j]``
 with the run's *sound* pairwise Lipschitz matrix ``L`` baked in as a constant and ``err`` a proven
 bound of the floating-point error of the file's own forward pass, computed inside the graph
-(:mod:`lipmargin.allowance`); every rounding of the radius formula is directed downwards, so the
-file's radius is never larger than the radius of the exact network nor than certify()'s.  It
-needs neither lipmargin nor the run folder.
+(:mod:`lipmargin.allowance`; ``k`` = 3 in float64, 2 in float32, :data:`ALLOWANCE_MULTIPLE`);
+every rounding of the radius formula is directed downwards, so the file's radius is never larger
+than the radius of the exact network nor than certify()'s.  It needs neither lipmargin nor the
+run folder.
 
 Loading it (TorchScript, float64 graph; only ``torch`` is imported)::
 
@@ -213,9 +214,9 @@ def _export_layer(m: nn.Module, dtype: torch.dtype) -> nn.Module:
     return convert(m, dtype).to(device="cpu").eval().requires_grad_(False)
 
 
-#: The exported radius subtracts this many times its own forward allowance (see
-#: :meth:`CertifiedPredictor.forward` for why 3 keeps it below certify()'s radius).
-ALLOWANCE_MULTIPLE = 3
+#: The exported radius subtracts this many times its own forward allowance, per graph dtype (see
+#: :meth:`CertifiedPredictor.forward` for why this keeps it below certify()'s float64 radius).
+ALLOWANCE_MULTIPLE = {torch.float64: 3, torch.float32: 2}
 
 
 class CertifiedPredictor(nn.Module):
@@ -251,7 +252,8 @@ class CertifiedPredictor(nn.Module):
         u = unit_roundoff(dtype)
         self.register_buffer("factor", final_factor(len(steps) + 1, dtype))
         self.register_buffer("shrink", down_to(1.0 - 8.0 * u, dtype))  # exact for both dtypes
-        self.register_buffer("inflate", up_to(ALLOWANCE_MULTIPLE * SQRT2_UP * (1.0 + 8.0 * u) * (1.0 + 1e-12), dtype))
+        multiple = ALLOWANCE_MULTIPLE[dtype]
+        self.register_buffer("inflate", up_to(multiple * SQRT2_UP * (1.0 + 8.0 * u) * (1.0 + 1e-12), dtype))
 
     def logits_and_error(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits (B, C), err (B,))``: ``err`` bounds ``||logits - exact logits||_2``."""
@@ -268,22 +270,27 @@ class CertifiedPredictor(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         # Why the radius is <= certify()'s.  Let m* be a margin f_c - f_j of the exact network, m
         # the one computed here, m' the one certify() computes in float64, A >= sqrt(2) ||logit
-        # error|| here and A' >= sqrt(2) ||logit error|| of certify's float64 pass (so
-        # |m - m*| <= A and |m' - m*| <= A').  Here the numerator is at most m - 3A <= m* - 2A;
-        # certify's is at least m' - A' >= m* - 2A' when it deflates by its own allowance, and
-        # m' >= m* - A' when it does not.  Both are >= m* - 2A' and m* - 2A <= m* - 2A' whenever
-        # A >= A'.  A float32 graph has A ~ 2**29 A' (unit roundoffs 2**-24 vs 2**-53 on the same
-        # |W| |x| magnitudes, which agree to the forward errors).  A float64 graph evaluates the
-        # same formula as certify's rounding.py primitives, with more inflation (gamma_{n+2}
-        # instead of gamma_{n+1}, the extra (1 + gamma) factors), at activations that agree with
-        # certify's up to both forward errors (a relative change ~ gamma |||W||| Lip << the
-        # inflation).  With the same pairwise rows (rounded up here) and every rounding below
-        # directed downwards, the radius is <= certify's; the export's own check verifies it on
-        # the whole test split and refuses the file otherwise.
+        # error|| here and A' >= sqrt(2) ||logit error|| of certify's float64 pass, so that
+        # |m - m*| <= A and |m' - m*| <= A'.  With k = ALLOWANCE_MULTIPLE the numerator here is at
+        # most m - k A <= m* - (k - 1) A; certify's is at least m' - A' >= m* - 2 A' when it
+        # deflates by its own allowance (and m' >= m* - A' when it does not).  So ours is the
+        # smaller one whenever (k - 1) A >= 2 A'.
+        # - float32 graph, k = 2: A >= 2 A' as A ~ 2**29 A' (unit roundoffs 2**-24 vs 2**-53 and
+        #   gamma_{n+2} vs gamma_{n+1} on the same |W| |x| magnitudes, which differ only by the
+        #   forward errors; if those were comparable to |x| the allowance would exceed the margin
+        #   and the radius here would be 0 anyway).
+        # - float64 graph, k = 3: A >= A' as both evaluate the same formula (rounding.py's
+        #   gamma_{n+1} || |W| |x| + |b| ||, propagated by the same sound per-layer Lipschitz
+        #   bounds), here with more inflation (gamma_{n+2}, the (1 + gamma) factors of the in-graph
+        #   evaluation), at activations that agree with certify's up to both forward errors (a
+        #   relative change ~ gamma |||W||| Lip, far below that inflation).
+        # The pairwise rows are the same sound float64 bound (rounded up here) and every rounding
+        # below is directed downwards.  The export's own check verifies the result on the whole
+        # test split and refuses the file otherwise.
         logits, err = self.logits_and_error(x)  # (B, C), (B,)
         pred = logits.argmax(1)  # (B,)
         margin = logits.gather(1, pred.unsqueeze(1)) - logits  # (B, C), one rounding
-        allowance = (err * self.inflate).unsqueeze(1)  # (B, 1), >= 3 sqrt(2) err
+        allowance = (err * self.inflate).unsqueeze(1)  # (B, 1), >= k sqrt(2) err
         num = ((margin * self.shrink - allowance) * self.shrink).clamp_min(0.0)
         rows = self.pairwise[pred]  # (B, C)
         safe = torch.where(rows > 0, rows, torch.ones_like(rows))
