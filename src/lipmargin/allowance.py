@@ -43,6 +43,7 @@ Runtime's CPU execution provider.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from fractions import Fraction
@@ -167,8 +168,6 @@ def register_step_rule(*types: type) -> Callable[[StepRule], StepRule]:
 
 def _abs_copy(layer: nn.Module) -> nn.Module:
     """The layer's linear part with ``|W|`` (no bias), same stride / padding / groups."""
-    import copy
-
     out = copy.deepcopy(layer)
     out.weight = nn.Parameter(layer.weight.detach().abs(), requires_grad=False)
     out.bias = None
