@@ -4,8 +4,9 @@ A certificate says no input within distance ``R(x)`` of ``x`` changes the predic
 attacks every correctly classified sample with PGD-L2 (and, with ``use_autoattack``, AutoAttack's
 APGD-CE and APGD-T through ``torchattacks``) at each evaluation radius, and every certified sample
 at (just inside) its own certified radius; any success on a certified sample is a *violation*,
-proof that a bound was wrong.  Each violation names the attacks that found it.  The empirical lower bound of the Lipschitz constant
-(LOBO) is a true difference quotient, so it must stay below the upper bound (tightness <= 1).
+proof that a bound was wrong.  Each violation names the attacks that found it.  The empirical
+lower bound of the Lipschitz constant (LOBO) is a true difference quotient, so it must stay below
+the upper bound (tightness <= 1).
 """
 
 from __future__ import annotations
