@@ -22,6 +22,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 		|| $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
 	fi
 	$(PIP) install -q -e ".[dev]"
+	# --no-deps: torchattacks declares torchvision, which would pull another torch over this one;
+	# it never imports torchvision, and its other requirements come with the [dev] extra.
+	$(PIP) install -q --no-deps "torchattacks>=3.5"
 	@touch $@
 
 setup: $(VENV)/.installed
@@ -35,10 +38,10 @@ demo: setup
 
 # The tests are many tiny computations: one thread each (also in the processes they start).
 test: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -m "not slow" -rN $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -m "not slow" -rs $(PYTEST_ARGS)
 
 test-all: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -rN $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -rs $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

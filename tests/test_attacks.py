@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from lipmargin.attacks import (
+    radius_groups,
     LOSSES,
     LowerBoundResult,
     autoattack_l2,
@@ -501,69 +502,74 @@ def test_autoattack_without_torchattacks_says_how_to_install() -> None:
     try:
         import torchattacks  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match=r"lipmargin\[attacks\]"):
+        with pytest.raises(ImportError, match=r"pip install --no-deps torchattacks"):
             autoattack_l2(_M, _X, _Y, 0.1)
     else:
         pytest.skip("torchattacks is installed")
 
 
-def test_autoattack_l2_respects_the_ball_and_finds_easy_flips() -> None:
-    pytest.importorskip("torchattacks")
-    lin, x, y, dist = _linear_problem(5, d=12, batch=24, dtype=torch.float32, seed=8)
-    x = x.sigmoid()  # torchattacks works on [0, 1] inputs
+def _requires_torchattacks() -> None:
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        pytest.skip("torchattacks is not installed (make setup installs it with --no-deps)")
+
+
+def _unit_box_problem(classes: int, batch: int, seed: int) -> tuple[nn.Linear, Tensor, Tensor, Tensor]:
+    """A linear classifier on inputs in [0, 1]^12 and each input's exact minimal L2 flip distance
+    (unconstrained; the box can only make it larger)."""
+    lin, x, _, _ = _linear_problem(classes, d=12, batch=batch, dtype=torch.float64, seed=seed)
+    x = x.sigmoid()
     with torch.no_grad():
-        y = lin(x).argmax(dim=1)
+        f = lin(x)
+    y = f.argmax(1)
+    w = lin.weight.detach()
+    gap = f.gather(1, y[:, None]) - f
+    row = (w[y][:, None, :] - w[None, :, :]).norm(dim=2)
+    dist = torch.where(gap > 0, gap / row.clamp_min(1e-300), torch.full_like(gap, math.inf)).amin(1)
+    return lin, x, y, dist
+
+
+def test_real_apgd_l2_respects_the_ball_and_finds_easy_flips() -> None:
+    _requires_torchattacks()
+    lin, x, y, dist = _unit_box_problem(5, batch=24, seed=8)
     eps = 0.3
-    x_adv = autoattack_l2(lin, x.reshape(24, 1, 3, 4).reshape(24, 12), y, eps, steps=20)
-    assert (_dist(x_adv, x) <= eps + 1e-6).all()
+    x_adv = autoattack_l2(lin, x, y, eps, steps=20)
+    assert (_dist(x_adv, x) <= eps).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
+    flipped = _flipped(lin, x_adv, y)
+    assert not flipped[dist > eps].any()  # impossible flips never happen
     # Stronger than nothing: it flips at least what a plain PGD run flips.
     pgd = _flipped(lin, pgd_l2(lin, x, y, eps, generator=_gen()), y)
-    assert _flipped(lin, x_adv, y).sum() >= pgd.sum() - 2
+    assert flipped.sum() >= pgd.sum() - 2 and flipped.any()
 
 
-class _FakeAttack:
-    """Stands in for torchattacks.APGD / APGDT with their documented constructor signatures and
-    their habits (eval mode during the call, training restored only if the module was training,
-    global reseeding, [0, 1] clamping), so the wrapper's own logic is tested without the extra.
-    Its step overshoots the ball slightly, as rounding in the real projection can."""
-
-    calls: list[dict] = []
-
-    def __init__(self, model: nn.Module, norm: str = "Linf", eps: float = 8 / 255, steps: int = 10,
-                 n_restarts: int = 1, seed: int = 0, loss: str = "ce", eot_iter: int = 1,
-                 rho: float = 0.75, verbose: bool = False, n_classes: int = 10) -> None:
-        assert norm == "L2"
-        self.model, self.eps, self.seed = model, eps, seed
-        _FakeAttack.calls.append({"eps": eps, "steps": steps, "loss": loss, "n_classes": n_classes})
-
-    def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
-        assert images.ndim == 4 and images.min() >= 0 and images.max() <= 1
-        given_training = self.model.training
-        self.model.eval()
-        torch.manual_seed(self.seed)
-        x = images.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(_margin(self.model(x), labels).sum(), x)
-        g = g / g.flatten(1).norm(dim=1).clamp_min(1e-30)[:, None, None, None]
-        out = (images + self.eps * (1 + 1e-7) * g).clamp(0, 1).detach()
-        if given_training:
-            self.model.train()
-        return out
+def test_real_apgd_per_sample_eps() -> None:
+    """A (B,) eps runs through torchattacks' APGD as a (B, 1, 1, 1) tensor: equal radii give the very
+    result of a scalar run, and mixed radii attack every sample at its own radius."""
+    _requires_torchattacks()
+    lin, x, y, dist = _unit_box_problem(5, batch=40, seed=3)
+    same = autoattack_l2(lin, x, y, torch.full((40,), 0.25, dtype=torch.float64), version="apgd-ce", steps=15)
+    scalar = autoattack_l2(lin, x, y, 0.25, version="apgd-ce", steps=15)
+    assert torch.equal(same, scalar)
+    # Each sample outside (x1.5) or just inside (x0.95) its exact flip distance.
+    eps = torch.where(torch.arange(40) % 2 == 0, dist * 1.5, dist * 0.95).clamp(max=3.0)
+    for version in ("apgd-ce", "apgd-t"):
+        x_adv = autoattack_l2(lin, x, y, eps, version=version, steps=30)
+        d = _dist(x_adv, x)
+        assert (d <= eps).all()
+        flipped = _flipped(lin, x_adv, y)
+        assert not flipped[1::2].any()  # inside the exact distance: a flip is impossible
+        # outside it (APGD-T groups radii within 2 %): most are found, some at a radius above
+        # twice the smallest eps of the batch, so no single scalar eps was used
+        assert flipped[0::2].float().mean() >= 0.8
+        assert float(d[flipped].max()) > float(eps.min()) * 2
 
 
-def test_autoattack_wrapper_logic_with_a_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    import types
-
-    fake = types.ModuleType("torchattacks")
-    fake.APGD = _FakeAttack  # type: ignore[attr-defined]
-    fake.APGDT = _FakeAttack  # type: ignore[attr-defined]
-    monkeypatch.setitem(__import__("sys").modules, "torchattacks", fake)
-    _FakeAttack.calls.clear()
-
-    lin, x, y, dist = _linear_problem(5, d=12, batch=30, dtype=torch.float64, seed=8)
-    x = x.sigmoid().reshape(30, 3, 4)  # non-image shape: the wrapper must flatten and restore
-    with torch.no_grad():
-        y = lin(x.flatten(1)).argmax(dim=1)
+def test_real_apgd_keeps_the_callers_state_and_rng() -> None:
+    _requires_torchattacks()
+    lin, x, y, _ = _unit_box_problem(5, batch=30, seed=8)
+    x = x.reshape(30, 3, 4)  # non-image shape: the wrapper must flatten and restore
     model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), lin)
     model.train()
     before = _state(model)
@@ -572,24 +578,25 @@ def test_autoattack_wrapper_logic_with_a_stand_in(monkeypatch: pytest.MonkeyPatc
     eps[10:20] = 0.4
     rng = torch.get_rng_state()
     x_adv = autoattack_l2(model, x, y, eps, version="apgd-ce+apgd-t", steps=7)
-
     assert torch.equal(torch.get_rng_state(), rng)
     assert _state(model) == before
     assert x_adv.shape == x.shape
     assert torch.equal(x_adv[:10], x[:10])
-    assert (_dist(x_adv, x) <= eps + 1e-12).all()  # the stand-in's overshoot was pulled back
-    assert x_adv.min() >= 0 and x_adv.max() <= 1
-    # Two radii; APGD-T only sees what APGD-CE left correct.
-    assert {c["eps"] for c in _FakeAttack.calls} == {0.2, 0.4}
-    assert all(c["steps"] == 7 and c["n_classes"] in (10, 5) for c in _FakeAttack.calls)
+    assert (_dist(x_adv, x) <= eps).all()
     with torch.no_grad():
         flipped = _margin(model.eval()(x_adv), y) >= 0
     model.train()
     assert flipped[10:].any()
     # A point is only replaced when it really flips the sample.
     assert torch.equal(x_adv[10:][~flipped[10:]], x[10:][~flipped[10:]])
-
     with pytest.raises(ValueError, match="version"):
         autoattack_l2(model, x, y, 0.1, version="apgd-ce+fab")
     with pytest.raises(ValueError, match="apgd-t"):
         autoattack_l2(nn.Linear(12, 3).double(), x.flatten(1), y % 3, 0.1, version="apgd-t")
+
+
+def test_radius_groups() -> None:
+    eps = torch.tensor([0.0, 1.0, 1.01, 1.03, 0.5, 0.505, 2.0], dtype=torch.float64)
+    groups = radius_groups(eps, width=0.02)
+    assert [(r0, sorted(idx.tolist())) for r0, idx in groups] == [(0.5, [4, 5]), (1.0, [1, 2]), (1.03, [3]), (2.0, [6])]
+    assert all(float(eps[idx].min()) == r0 and float(eps[idx].max()) <= r0 * 1.02 for r0, idx in groups)

@@ -410,3 +410,51 @@ def test_extreme_weight_scales(scale: float) -> None:
         assert b == pytest.approx(ref * scale, rel=1e-12), method
     lin = torch.randn(20, 10, generator=gen, dtype=torch.float64)
     assert linear_norm_bound(lin * scale) == pytest.approx(linear_norm_bound(lin) * scale, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# extreme magnitudes: subnormal and huge weights (issue 13)
+# ---------------------------------------------------------------------------
+
+
+def _times_pow2(w: torch.Tensor, k: int) -> torch.Tensor:
+    """``w * 2**k`` exactly for integer-valued ``w`` with |w| < 2**14 (two steps keep 2**k normal)."""
+    half = k // 2
+    return w * 2.0**half * 2.0 ** (k - half)
+
+
+@pytest.mark.parametrize("k", [-1070, -1060, -600, 985])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_linear_bound_subnormal_and_huge_weights(k: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    wi = torch.randint(-12000, 12001, (6, 5), generator=g).to(torch.float64)
+    w = _times_pow2(wi, k)
+    assert torch.equal(_times_pow2(w, -k), wi)  # the scaling was exact
+    exact = spectral_norm_dense(wi)  # ||W|| = ||Wi|| * 2**k exactly (homogeneity)
+    b = linear_norm_bound(w)
+    assert math.isfinite(b)
+    scaled_back = math.ldexp(b, -k)  # exact (a power of two, result normal)
+    assert scaled_back >= exact * (1 + REL_TOL)
+    # tight up to 1e-6 and, for a subnormal result, two steps of its resolution 2**-1074
+    assert scaled_back <= exact * (1 + 1e-6) + 2.0 ** (-1073 - k)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k", [-1070, -1055, 985])
+def test_conv_bound_subnormal_and_huge_weights(method: str, k: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    wi = torch.randint(-12000, 12001, (3, 2, 3, 3), generator=g).to(torch.float64)
+    w = _times_pow2(wi, k)
+    assert torch.equal(_times_pow2(w, -k), wi)
+    exact = spectral_norm_dense(dense_conv_matrix(wi, (2, 6, 6), padding=1))
+    b = conv2d_norm_bound(w, (2, 6, 6), padding=1, method=method)  # no OverflowError
+    assert math.isfinite(b)
+    assert math.ldexp(b, -k) >= exact * (1 + REL_TOL)
+
+
+def test_bound_of_a_subnormal_weight_is_positive_and_of_zero_is_zero() -> None:
+    w = torch.zeros(2, 2, dtype=torch.float64)
+    assert linear_norm_bound(w) == 0.0
+    w[0, 0] = 5e-324  # the smallest subnormal: ||W|| = 5e-324 exactly
+    assert linear_norm_bound(w) >= 5e-324
+    assert conv2d_norm_bound(w.reshape(1, 1, 2, 2), (1, 3, 3), method="fft") >= 5e-324

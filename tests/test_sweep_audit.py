@@ -178,3 +178,58 @@ def test_cli_audit_of_a_sweep_writes_audits_and_the_table_column(tmp_path, capsy
     stamp = (out / results["cells"][0]["runs"][0] / "audit.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / results["cells"][0]["runs"][0] / "audit.json").stat().st_mtime_ns == stamp
+
+
+# --------------------------------------------------------------------------------------------
+# The audit with real torchattacks (APGD-CE / APGD-T), on a tiny net over inputs in [0, 1]
+# --------------------------------------------------------------------------------------------
+
+
+def _box_net_and_inputs(n: int = 16):
+    import torch
+    from torch import nn
+
+    from lipmargin.models import LipschitzNet
+
+    torch.manual_seed(5)
+    model = LipschitzNet(nn.Sequential(nn.Linear(12, 16), nn.ReLU()), nn.Linear(16, 5), (12,)).double().eval()
+    x = torch.randn(n, 12, dtype=torch.float64).sigmoid()
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample correct: each one is attacked
+    return model, x, y
+
+
+def _require_torchattacks() -> None:
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        pytest.skip("torchattacks is not installed (make setup installs it with --no-deps)")
+
+
+def test_audit_runs_real_apgd_at_eval_and_own_radii() -> None:
+    _require_torchattacks()
+    model, x, y = _box_net_and_inputs(8)
+    res = audit_model(model, x, y, [0.01], lobo_inputs=x, pgd_steps=10, pgd_restarts=1, lobo_pairs=10,
+                      lobo_steps=10, lobo_lr=1e-2, use_autoattack=True, autoattack_steps=10, clamp=(0.0, 1.0))
+    assert res.attacks == ["pgd-l2", "apgd-ce", "apgd-t"] and res.notes == []
+    assert res.violations == 0
+
+
+def test_audit_real_apgd_finds_a_planted_violation_at_own_radius() -> None:
+    """A bound 10x too small: APGD (not only PGD) breaks certificates at the samples' own radii."""
+    _require_torchattacks()
+    model, x, y = _box_net_and_inputs()
+    honest = model_bound(model, "sound")
+    small = dataclasses.replace(honest, pairwise=honest.pairwise / 10, lipschitz=honest.lipschitz / 10,
+                                feature=honest.feature / 10)
+    res = audit_model(model, x, y, [], lobo_inputs=x, bound=small, pgd_steps=1, pgd_restarts=1, lobo_pairs=10,
+                      lobo_steps=10, lobo_lr=1e-2, use_autoattack=True, autoattack_steps=10, clamp=(0.0, 1.0))
+    own = [v for v in res.violation_details if v["kind"] == "own-radius"]
+    assert own and any({"apgd-ce", "apgd-t"} & set(v["attacks"]) for v in own)
+    assert any("apgd-t" in v["attacks"] for v in own)
+
+
+def test_audit_autoattack_refuses_data_outside_the_unit_box() -> None:
+    model, x, y = _box_net_and_inputs(4)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        audit_model(model, x, y, [0.1], lobo_inputs=x, use_autoattack=True, clamp=None)

@@ -11,7 +11,7 @@ here are their empirical counterparts and are used to *audit* them:
   logit differences over pairs of inputs.  Every quotient it reports was evaluated on a concrete
   pair, so it is a lower bound on the true Lipschitz constant and must never exceed a sound upper
   bound; the gap between the two shows how loose the upper bound is.
-- :func:`autoattack_l2` (optional extra ``lipmargin[attacks]``) runs APGD-CE / APGD-T
+- :func:`autoattack_l2` (optional: ``pip install --no-deps torchattacks``) runs APGD-CE / APGD-T
   (Croce & Hein 2020) through ``torchattacks`` as a stronger, independent attack.
 
 Conventions shared by all functions:
@@ -42,6 +42,8 @@ __all__ = [
     "AttackLoss",
     "LowerBoundResult",
     "autoattack_l2",
+    "radius_groups",
+    "RADIUS_GROUP_WIDTH",
     "lipschitz_lower_bound",
     "pgd_l2",
     "robust_accuracy",
@@ -704,16 +706,45 @@ class _AsImages(nn.Module):
         return self.model(x.reshape((x.shape[0],) + self.sample_shape))
 
 
-def _apgd_ce(ta: object, wrapped: nn.Module, eps: float, steps: int, seed: int, n_classes: int) -> object:
+def _apgd_ce(ta: object, wrapped: nn.Module, eps: float | Tensor, steps: int, seed: int, n_classes: int) -> object:
     return ta.APGD(wrapped, norm="L2", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce")  # type: ignore[attr-defined]
 
 
-def _apgd_dlr(ta: object, wrapped: nn.Module, eps: float, steps: int, seed: int, n_classes: int) -> object:
+def _apgd_dlr(ta: object, wrapped: nn.Module, eps: float | Tensor, steps: int, seed: int, n_classes: int) -> object:
     return ta.APGD(wrapped, norm="L2", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="dlr")  # type: ignore[attr-defined]
 
 
-def _apgd_t(ta: object, wrapped: nn.Module, eps: float, steps: int, seed: int, n_classes: int) -> object:
+def _apgd_t(ta: object, wrapped: nn.Module, eps: float | Tensor, steps: int, seed: int, n_classes: int) -> object:
     return ta.APGDT(wrapped, norm="L2", eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=n_classes)  # type: ignore[attr-defined]
+
+
+#: Components that accept a per-sample ``(B, 1, 1, 1)`` eps tensor.  torchattacks' APGD uses
+#: ``eps`` only in broadcast products with ``(B, 1, 1, 1)`` / ``(B, C, H, W)`` tensors of the batch
+#: it attacks, and with ``n_restarts=1`` it attacks exactly the samples it classifies correctly, so
+#: a batch of such samples keeps eps aligned (checked against scalar runs in the tests).  APGD-T
+#: runs once per target class on the samples not yet fooled, a shrinking subset that a per-sample
+#: eps would not follow: it gets radius groups instead (:func:`radius_groups`).
+_PER_SAMPLE_EPS = frozenset({"apgd-ce", "apgd-dlr"})
+
+#: Relative width of the radius groups of APGD-T: a group spans radii in ``[r0, r0 (1 + w)]`` and
+#: is attacked at its smallest radius ``r0``.
+RADIUS_GROUP_WIDTH = 0.02
+
+
+def radius_groups(eps: Tensor, width: float = RADIUS_GROUP_WIDTH) -> list[tuple[float, Tensor]]:
+    """Group the indices of ``eps > 0`` into ``(r0, indices)`` with every radius in
+    ``[r0, r0 (1 + width)]``; ``r0`` (the group's smallest radius, <= each member's eps) is the
+    radius the group is attacked at."""
+    order = torch.argsort(eps)
+    order = order[eps[order] > 0]
+    groups: list[tuple[float, Tensor]] = []
+    start = 0
+    values = eps[order].tolist()
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] > values[start] * (1.0 + width):
+            groups.append((values[start], order[start:i]))
+            start = i
+    return groups
 
 
 #: AutoAttack components: name -> (factory, minimum number of classes).  The DLR losses index the
@@ -735,13 +766,16 @@ def autoattack_l2(
     seed: int = 0,
     steps: int = 100,
 ) -> Tensor:
-    """APGD attacks (Croce & Hein 2020) in L2 via ``torchattacks``; needs ``lipmargin[attacks]``.
+    """APGD attacks (Croce & Hein 2020) in L2 via ``torchattacks`` (``pip install --no-deps torchattacks``).
 
     ``version`` is a ``+``-separated chain of components from ``apgd-ce``, ``apgd-dlr`` and
     ``apgd-t`` (targeted DLR over the top ``C - 1`` classes); each component attacks only the
     samples still correctly classified.  Inputs must lie in [0, 1] (torchattacks clamps there).
-    ``eps`` may be a ``(B,)`` tensor: samples are grouped by radius (``eps == 0`` is left
-    unchanged).  The global RNG is left as it was (torchattacks reseeds it with ``seed``).
+    ``eps`` may be a ``(B,)`` tensor (e.g. each sample's certified radius; ``eps == 0`` is left
+    unchanged): APGD-CE / APGD-DLR attack every sample at its own eps in one batch; APGD-T attacks
+    groups of samples whose radii agree within :data:`RADIUS_GROUP_WIDTH` (2 %) at the group's
+    smallest radius, so at most 2 % inside a sample's own eps.  The global RNG is left as it was
+    (torchattacks reseeds it with ``seed``).
 
     Returns ``x_adv`` with ``||x_adv - x||_2 <= eps`` per sample.
     """
@@ -762,7 +796,8 @@ def autoattack_l2(
         import torchattacks  # noqa: PLC0415  (optional dependency, imported on use)
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "autoattack_l2 needs the optional dependency torchattacks: pip install torchattacks (or pip install -e '.[attacks]' in a lipmargin checkout)"
+            "autoattack_l2 needs the optional dependency torchattacks: pip install --no-deps torchattacks "
+            "scipy tqdm requests (--no-deps: its declared requirements would replace torch via torchvision)"
         ) from err
 
     x = inputs.detach()
@@ -792,16 +827,33 @@ def autoattack_l2(
         # a fresh wrapper is, so switch it (and with it the model, inside _eval_mode, which
         # restores the caller's flags on exit) to eval mode.
         wrapped.eval()
-        for radius in torch.unique(eps_t[eps_t > 0]).tolist():
-            group = torch.nonzero(eps_t == radius).squeeze(1)
-            for n in names:
+        for n in names:
+            if n in _PER_SAMPLE_EPS:
+                batches = [(None, torch.nonzero(eps_t > 0).squeeze(1))]
+            else:
+                batches = [(r0, idx) for r0, idx in radius_groups(eps_t)]
+            for r0, group in batches:
                 todo = group[robust[group]]
                 if todo.numel() == 0:
-                    break
-                attack = _AA_COMPONENTS[n][0](torchattacks, wrapped, float(radius), steps, seed, n_classes)
+                    continue
                 flat = x[todo].reshape(todo.numel(), 1, 1, -1)
+                with torch.no_grad():
+                    # torchattacks attacks only what it classifies correctly in this very batch;
+                    # keep exactly those so a per-sample eps stays aligned with its samples.
+                    todo = todo[wrapped(flat).argmax(1) == y[todo]]
+                    flat = x[todo].reshape(todo.numel(), 1, 1, -1)
+                if todo.numel() == 0:
+                    continue
+                e = eps_t[todo]
+                if r0 is not None:
+                    attack_eps: float | Tensor = float(r0)
+                elif bool((e == e[0]).all()):
+                    attack_eps = float(e[0])
+                else:
+                    attack_eps = e.reshape(-1, 1, 1, 1)
+                attack = _AA_COMPONENTS[n][0](torchattacks, wrapped, attack_eps, steps, seed, n_classes)
                 adv = attack(flat, y[todo]).detach().reshape(x[todo].shape).to(x.dtype)  # type: ignore[operator]
-                adv = _enforce_ball(adv.clamp(0.0, 1.0), x[todo], eps_t[todo], box)
+                adv = _enforce_ball(adv.clamp(0.0, 1.0), x[todo], e, box)
                 with torch.no_grad():
                     hit = _margin(model(adv), y[todo]) >= 0
                 x_adv[todo[hit]] = adv[hit]

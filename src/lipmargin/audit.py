@@ -1,10 +1,12 @@
 """Audit a trained model's certificates: try to break them, and bound the Lipschitz constant from below.
 
 A certificate says no input within distance ``R(x)`` of ``x`` changes the prediction.  The audit
-attacks every certified sample with PGD-L2 (and AutoAttack's APGD when ``torchattacks`` is
-installed) at the evaluation radius and at each sample's own certified radius; any success is a
-*violation*, proof that a bound was wrong.  The empirical lower bound of the Lipschitz constant
-(LOBO) is a true difference quotient, so it must stay below the upper bound (tightness <= 1).
+attacks every correctly classified sample with PGD-L2 (and, with ``use_autoattack``, AutoAttack's
+APGD-CE and APGD-T through ``torchattacks``) at each evaluation radius, and every certified sample
+at (just inside) its own certified radius; any success on a certified sample is a *violation*,
+proof that a bound was wrong.  Each violation names the attacks that found it.  The empirical
+lower bound of the Lipschitz constant (LOBO) is a true difference quotient, so it must stay below
+the upper bound (tightness <= 1).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lipmargin.attacks import autoattack_l2, lipschitz_lower_bound, pgd_l2
-from lipmargin.certify import ModelBound, certified_radius, model_bound
+from lipmargin.certify import ModelBound, certify, model_bound
 
 if TYPE_CHECKING:
     from lipmargin.checkpoint import CheckpointRef
@@ -40,6 +42,7 @@ class AuditResult:
     per_layer: list[dict[str, Any]]
     attacks: list[str] = field(default_factory=list)
     checkpoint: CheckpointRef | None = None  # the weights audited, when the caller named them
+    notes: list[str] = field(default_factory=list)  # attacks that could not run, and why
 
 
 def _predict(model: LipschitzNet, x: Tensor) -> Tensor:
@@ -60,10 +63,12 @@ def audit_model(
     lobo_steps: int = 200,
     lobo_lr: float = 3e-4,
     use_autoattack: bool = False,
+    autoattack_steps: int = 100,
     clamp: tuple[float, float] | None = (0.0, 1.0),
     seed: int = 0,
     checkpoint: CheckpointRef | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> AuditResult:
     """Audit ``model`` on ``(inputs, target)``; ``lobo_inputs`` are the images LOBO starts from.
 
@@ -76,38 +81,60 @@ def audit_model(
 
     ``on_event`` receives ``{"event": "attack", "index": i, "total": n, "name": ..., "samples": k}``
     before each of the ``n`` stages (the attacks at each eps, at each sample's own radius, LOBO).
+
+    ``use_autoattack`` runs APGD-CE and APGD-T (real ``torchattacks``; ``ImportError`` if it is
+    missing) at every evaluation radius and at each sample's own radius times ``1 - 1e-6``:
+    APGD-CE at exactly that radius per sample, APGD-T per group of radii within 2 % at the
+    group's smallest one (:func:`lipmargin.attacks.autoattack_l2`).  It needs inputs in [0, 1]
+    (``clamp=(0, 1)``, else ``ValueError``); APGD-T needs >= 4 classes and is otherwise left out,
+    with a note in ``notes``.  ``autoattack_steps``: iterations per APGD run (AutoAttack uses 100).
     """
+    if input_shape is None and bound is not None and bound.input_shape:
+        input_shape = bound.input_shape
     if bound is None:
-        bound = model_bound(model, "sound")
+        bound = model_bound(model, "sound", input_shape=input_shape)
+    if use_autoattack and (clamp is None or tuple(float(c) for c in clamp) != (0.0, 1.0)):
+        raise ValueError(f"AutoAttack (torchattacks) attacks inputs in [0, 1] only; this data's box is {clamp}")
     device = inputs.device
     m64 = _float64_copy(model).to(device)
     x64 = inputs.to(torch.float64)
-    with torch.no_grad():
-        radius, pred = certified_radius(m64(x64), bound.pairwise.to(device))
+    # The certificates under audit are exactly certify's (the same radius path, rounding allowance included).
+    certified_run = certify(model, [(inputs, target)], list(eps), bound=bound, input_shape=input_shape)
+    radius, pred = certified_run.radius.to(device), certified_run.prediction.to(device)
     correct = pred == target
     n = int(target.numel())
     gen = torch.Generator(device=device).manual_seed(seed)
     violations: list[dict[str, Any]] = []
     cert_acc: dict[float, float] = {}
     robust_acc: dict[float, float] = {}
-    attacks = ["pgd-l2"] + (["apgd-ce", "apgd-t"] if use_autoattack else [])
+    attacks = ["pgd-l2"]
+    notes: list[str] = []
+    if use_autoattack:
+        attacks.append("apgd-ce")
+        num_classes = int(bound.pairwise.shape[0])
+        if num_classes >= 4:
+            attacks.append("apgd-t")
+        else:
+            notes.append(f"apgd-t not run: it targets the top 3 other classes, the model has {num_classes}")
     stages = len(eps) + 2
 
     def stage(index: int, name: str, samples: int) -> None:
         if on_event is not None:
             on_event({"event": "attack", "index": index, "total": stages, "name": name, "samples": samples})
 
-    def broken_by_attacks(x: Tensor, y: Tensor, radius_or_eps: float | Tensor) -> Tensor:
+    def broken_by_attacks(x: Tensor, y: Tensor, radius_or_eps: float | Tensor) -> tuple[Tensor, list[list[str]]]:
+        """``(broken (B,), names of the attacks that broke each sample)``."""
+        found: dict[str, Tensor] = {}
         adv = pgd_l2(m64, x, y, radius_or_eps, steps=pgd_steps, restarts=pgd_restarts, clamp=clamp, generator=gen)
         with torch.no_grad():
-            broken = _predict(m64, adv) != y
-        if use_autoattack:
-            eps_value = float(radius_or_eps) if not isinstance(radius_or_eps, Tensor) else None
-            if eps_value is not None:
-                adv2 = autoattack_l2(m64, x, y, eps_value, seed=seed)
-                with torch.no_grad():
-                    broken |= _predict(m64, adv2.to(x.dtype)) != y
-        return broken
+            found["pgd-l2"] = _predict(m64, adv) != y
+        for name in attacks[1:]:  # each APGD component on every sample, so each can be credited
+            adv = autoattack_l2(m64, x, y, radius_or_eps, version=name, seed=seed, steps=autoattack_steps)
+            with torch.no_grad():
+                found[name] = _predict(m64, adv.to(x.dtype)) != y
+        broken = torch.stack(list(found.values())).any(0)
+        names = [[a for a in found if bool(found[a][i])] for i in range(int(y.numel()))]
+        return broken, names
 
     for k, e in enumerate(eps):
         certified = correct & (radius > e)
@@ -116,21 +143,25 @@ def audit_model(
         stage(k + 1, f"{'+'.join(attacks)} at eps {float(e):g}", int(idx.numel()))
         robust = torch.zeros_like(correct)
         if idx.numel():
-            broken = broken_by_attacks(x64[idx], target[idx], float(e))
+            broken, names = broken_by_attacks(x64[idx], target[idx], float(e))
             robust[idx] = ~broken
-            for i in idx[broken & certified[idx]].tolist():
-                violations.append({"index": i, "eps": float(e), "radius": float(radius[i]), "kind": "eps"})
+            for j in (broken & certified[idx]).nonzero().flatten().tolist():
+                i = int(idx[j])
+                violations.append({"index": i, "eps": float(e), "radius": float(radius[i]), "kind": "eps", "attacks": names[j]})
         robust_acc[float(e)] = float(robust.sum()) / max(n, 1)
 
     # Each certified sample at (just inside) its own radius: the strongest claim the bound makes.
     own = correct & torch.isfinite(radius) & (radius > 0)
     idx = own.nonzero().flatten()
-    stage(len(eps) + 1, "pgd-l2 at each sample's own radius", int(idx.numel()))
+    stage(len(eps) + 1, f"{'+'.join(attacks)} at each sample's own radius", int(idx.numel()))
     if idx.numel():
         r = radius[idx] * (1 - 1e-6)
-        broken = broken_by_attacks(x64[idx], target[idx], r)
-        for i in idx[broken].tolist():
-            violations.append({"index": i, "eps": float(radius[i]), "radius": float(radius[i]), "kind": "own-radius"})
+        broken, names = broken_by_attacks(x64[idx], target[idx], r)
+        for k in broken.nonzero().flatten().tolist():
+            i = int(idx[k])
+            violations.append(
+                {"index": i, "eps": float(r[k]), "radius": float(radius[i]), "kind": "own-radius", "attacks": names[k]}
+            )
 
     stage(stages, f"LOBO ({lobo_pairs} pairs, {lobo_steps} steps)", lobo_pairs)
     lower = lipschitz_lower_bound(
@@ -141,12 +172,11 @@ def audit_model(
     if tightness > 1.0:
         violations.append({"kind": "tightness", "lower": lower, "upper": bound.lipschitz})
 
-    power = model_bound(_float64_copy(model), "power")
-    sound = bound if bound.method == "sound" else model_bound(model, "sound")
-    names = [type(m).__name__ for m in model.bound.layers]
+    power = model_bound(model, "power", input_shape=input_shape)
+    sound = bound if bound.method == "sound" else model_bound(model, "sound", input_shape=input_shape)
     per_layer = [
         {"layer": f"{i}:{name}", "power": p, "sound": s}
-        for i, (name, p, s) in enumerate(zip(names, power.per_layer, sound.per_layer))
+        for i, (name, p, s) in enumerate(zip(sound.layers, power.per_layer, sound.per_layer))
     ]
     return AuditResult(
         num_samples=n,
@@ -161,6 +191,7 @@ def audit_model(
         per_layer=per_layer,
         attacks=attacks,
         checkpoint=checkpoint,
+        notes=notes,
     )
 
 

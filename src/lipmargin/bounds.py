@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Tuple, Union
+from typing import Callable, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from lipmargin.rounding import mul_pow2
 
 __all__ = [
     "spectral_norm_dense",
@@ -250,6 +252,48 @@ def _lapack_margin(sigma_hat: float, frob: float, dims: Tuple[int, int]) -> floa
     return (sigma_hat + err) * (1.0 + _REL_MARGIN)
 
 
+# Absolute floor (in the scaled units of _scaled_bound, where the largest
+# entry is in [1/2, 1)) added to every bound.  Scaling a float64 weight by a
+# power of two is exact except for entries that underflow, each off by at most
+# 2**-1074; a weight entry occurs in at most (output positions) rows of the
+# operator, so the operator moves by less than numel * positions * 2**-1074,
+# far below 2**-900 for any layer that fits in memory (numel * positions <
+# 2**170).
+_ABS_FLOOR_SCALED: float = 2.0**-900
+
+
+def _scaled_bound(w: torch.Tensor, bound_fn: Callable[[torch.Tensor], float]) -> float:
+    """``bound_fn`` applied to ``w`` scaled into the normal range, scaled back soundly.
+
+    ``w = W' * 2**e`` with ``max |W'|`` in ``[1/2, 1)`` (``math.frexp`` of the
+    largest entry).  Operator norms are positively homogeneous, so
+    ``||W|| = ||W'|| * 2**e`` exactly.  ``W'`` is computed with exact
+    power-of-two multiplications (``mul_pow2``; only underflowing entries
+    round, covered by ``_ABS_FLOOR_SCALED``).  The scaled bound is sound
+    because ``W'`` has neither subnormal Gram entries nor overflow; it gets the
+    floor added, then ``math.ldexp`` scales it back (exact unless the result is
+    subnormal: one rounding, covered by one ``nextafter`` step up; overflow
+    gives ``inf``, a sound if useless answer).
+    """
+    amax = float(w.abs().max())
+    if amax == 0.0:
+        return 0.0
+    exponent = math.frexp(amax)[1]
+    scaled = mul_pow2(w, torch.tensor(-exponent))
+    b = bound_fn(scaled)
+    if not math.isfinite(b):
+        return math.inf
+    if b == 0.0:
+        # The inner bounds return 0 only for a structurally zero operator (no
+        # tap ever reads a pixel), whatever the weight values: exactly 0.
+        return 0.0
+    b = math.nextafter(b + _ABS_FLOOR_SCALED, math.inf)  # the addition rounds once
+    try:
+        return math.nextafter(math.ldexp(b, exponent), math.inf)
+    except OverflowError:
+        return math.inf
+
+
 def linear_norm_bound(weight: torch.Tensor) -> float:
     """Guaranteed upper bound on ``||W||_2`` for a ``(out, in)`` weight.
 
@@ -263,8 +307,16 @@ def linear_norm_bound(weight: torch.Tensor) -> float:
     Tightness: the added margin is at most about
     ``16 * max(m, n) * sqrt(min(m, n)) * 2.2e-16 + 1e-9`` relative, i.e. below
     ``1e-8`` for any layer up to tens of thousands of units.
+
+    Extreme magnitudes (subnormal or ~1e300 entries) are handled by
+    :func:`_scaled_bound`: the bound is computed for ``W`` scaled exactly by a
+    power of two, then scaled back and rounded up.
     """
-    w = _check_weight(weight, 2)
+    return _scaled_bound(_check_weight(weight, 2), _linear_norm_bound_normal)
+
+
+def _linear_norm_bound_normal(w: torch.Tensor) -> float:
+    """:func:`linear_norm_bound` for a float64 weight whose largest entry is in [1/2, 1)."""
     sigma = float(torch.linalg.svdvals(w)[0])
     frob = float(torch.linalg.vector_norm(w))
     if not (math.isfinite(sigma) and math.isfinite(frob)):
@@ -692,7 +744,9 @@ def conv2d_norm_bound(
         FFT bound and each fold variant under that budget (only for axes
         with at most ``_FOLD_MAX_OUT`` outputs), returning the minimum (a minimum of valid upper bounds is a valid upper bound).
 
-    Returns ``inf`` only if float64 overflows (weights around 1e150).
+    The weight is first scaled exactly by a power of two so that its largest
+    entry is in ``[1/2, 1)`` (``_scaled_bound``): subnormal and huge weights
+    get sound bounds; ``inf`` only if the bound itself exceeds float64.
     ``extra_periods``: for the FFT variants, also try the periods ``N + 1 ..
     N + extra_periods`` on each axis and keep the smallest (each is a valid
     bound); costs ``(extra_periods + 1)**2`` times more.
@@ -741,29 +795,34 @@ def conv2d_norm_bound(
     if not _is_int(extra_periods) or extra_periods < 0:
         raise ValueError(f"extra_periods must be an int >= 0, got {extra_periods!r}")
     with torch.no_grad():
-        if method == "dense":
-            return _dense_bound(w, spec)
-        if method == "fft":
-            return _fft_bound(w, spec, extra_periods)
-        if method in ("fft_fold_h", "fft_fold_w"):
-            folded = _folded(w, spec, 0 if method == "fft_fold_h" else 1)
-            return 0.0 if folded is None else _fft_bound(*folded, extra_periods)
-        # auto
-        if _dense_cost(spec) <= _AUTO_WORK_BUDGET:
-            # Exact up to the ~1e-10 margin: nothing else can beat it.
-            return _dense_bound(w, spec)
-        best = _fft_bound(w, spec, extra_periods)
-        for axis in (0, 1):
-            if spec.out[axis] > _FOLD_MAX_OUT:
-                continue
-            # Folding an axis makes the per-frequency matrices about
-            # (output size) x (input size) along it larger: estimate first.
-            sw, ss = _transpose_spec(w, spec) if axis == 0 else (w, spec)
-            fs = _folded_spec(ss, ss.size[1])
-            fold_cost = _fft_cost(fs, _plans(fs)) * (extra_periods + 1) ** 2
-            if fold_cost <= _AUTO_WORK_BUDGET:
-                folded = _fold_w(sw, ss)
-                if folded is None:
-                    return 0.0
-                best = min(best, _fft_bound(*folded, extra_periods))
-        return best
+        return _scaled_bound(w, lambda ws: _conv2d_bound_normal(ws, spec, method, extra_periods))
+
+
+def _conv2d_bound_normal(w: torch.Tensor, spec: _ConvSpec, method: str, extra_periods: int) -> float:
+    """:func:`conv2d_norm_bound` for a float64 weight whose largest entry is in [1/2, 1)."""
+    if method == "dense":
+        return _dense_bound(w, spec)
+    if method == "fft":
+        return _fft_bound(w, spec, extra_periods)
+    if method in ("fft_fold_h", "fft_fold_w"):
+        folded = _folded(w, spec, 0 if method == "fft_fold_h" else 1)
+        return 0.0 if folded is None else _fft_bound(*folded, extra_periods)
+    # auto
+    if _dense_cost(spec) <= _AUTO_WORK_BUDGET:
+        # Exact up to the ~1e-10 margin: nothing else can beat it.
+        return _dense_bound(w, spec)
+    best = _fft_bound(w, spec, extra_periods)
+    for axis in (0, 1):
+        if spec.out[axis] > _FOLD_MAX_OUT:
+            continue
+        # Folding an axis makes the per-frequency matrices about
+        # (output size) x (input size) along it larger: estimate first.
+        sw, ss = _transpose_spec(w, spec) if axis == 0 else (w, spec)
+        fs = _folded_spec(ss, ss.size[1])
+        fold_cost = _fft_cost(fs, _plans(fs)) * (extra_periods + 1) ** 2
+        if fold_cost <= _AUTO_WORK_BUDGET:
+            folded = _fold_w(sw, ss)
+            if folded is None:
+                return 0.0
+            best = min(best, _fft_bound(*folded, extra_periods))
+    return best

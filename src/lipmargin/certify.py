@@ -63,6 +63,7 @@ class ModelBound:
     lipschitz: float
     input_shape: tuple[int, ...] = ()
     fingerprint: str = ""
+    layers: tuple[str, ...] = ()  # "path (Type)" of each per_layer entry
 
 
 BoundFn = Callable[[GraphPlan, nn.Module], dict[str, float]]
@@ -153,6 +154,7 @@ def _bound_of_plan(plan: GraphPlan, model: nn.Module, method: str) -> ModelBound
         sound=sound,
         feature=feature,
         per_layer=tuple(float(leaves[s.name]) for s in plan.leaves if s.name != head),
+        layers=tuple(f"{s.module} ({type(plan.module(s)).__name__})" for s in plan.leaves if s.name != head),
         pairwise=pairwise,
         lipschitz=float(pairwise.max()) if pairwise.numel() else 0.0,
         input_shape=plan.input_shape,

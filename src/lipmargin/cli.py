@@ -562,6 +562,7 @@ def _audit_one(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]
         "num_samples": result.num_samples,
         "bound_method": args.bound,
         "attacks": result.attacks,
+        "notes": result.notes,
         "epoch": epoch,
         "checkpoint": ref.to_dict(relative_to=run_dir) if ref is not None else _weights_record(args.weights),
         "settings": _audit_settings(args),
@@ -581,6 +582,8 @@ def _print_audit(run_dir: Path | str, payload: dict[str, Any]) -> None:
         print(f"eps {label:<8} certified {cert:.4f}  empirical robust {payload['empirical_robust_accuracy'][label]:.4f}")
     print(f"Lipschitz upper {payload['lipschitz_upper']:.6g}  lower (LOBO) {payload['lipschitz_lower']:.6g}  "
           f"tightness {payload['tightness']:.4f}")
+    for note in payload.get("notes", []):
+        print(f"note: {note}")
     print(f"violations: {payload['violations']}")
 
 
@@ -605,7 +608,7 @@ def _export(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_USAGE
     checked = (
-        f"{r.num_samples} test samples re-checked with {r.runtime}, max relative radius difference "
+        f"{r.num_samples} test samples re-checked with {r.runtime}, radii at most certify's, largest relative deflation "
         f"{r.max_relative_difference:.3g}" if r.num_samples else "not checked"
     )
     print(f"{r.path}  ({r.format}; {checked}; Lipschitz {r.lipschitz:.6g})")
@@ -776,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _err(_memory_message(args.command, e) if _out_of_memory(e) else _first_line(e))
         return EXIT_USAGE
-    except (ValueError, OSError) as e:  # bad input (the library's errors subclass ValueError); no import needed
+    except (ValueError, OSError, ImportError) as e:  # bad input (the library's errors subclass ValueError), a missing extra
         if debug:
             raise
         _err(_first_line(e))

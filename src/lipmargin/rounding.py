@@ -53,6 +53,7 @@ __all__ = [
     "underflow_unit",
     "gamma",
     "round_up",
+    "mul_pow2",
     "nonnegative_norm_bound",
     "affine_error_bound",
     "propagate_error",
@@ -116,7 +117,7 @@ def round_up(t: Tensor, factor: float = _SLACK64) -> Tensor:
     return torch.nextafter(t * factor, torch.full_like(t, math.inf))
 
 
-def _pow2(t: Tensor, k: Tensor) -> Tensor:
+def mul_pow2(t: Tensor, k: Tensor) -> Tensor:
     """``t * 2**k`` for float64 ``t`` and integer ``k`` (broadcast), in at most three exact steps.
 
     Multiplying by a power of two is exact unless the result underflows (then the error is at most
@@ -149,7 +150,7 @@ def nonnegative_norm_bound(v: Tensor) -> Tensor:
         return torch.zeros(flat.shape[0], dtype=torch.float64, device=v.device)
     m = flat.amax(1)  # (B,)
     _, e = torch.frexp(torch.where(m > 0, m, torch.ones_like(m)))  # m = f 2**e, f in [1/2, 1)
-    scaled = _pow2(flat, -e.unsqueeze(1))  # (B, N), max in [1/2, 1)
+    scaled = mul_pow2(flat, -e.unsqueeze(1))  # (B, N), max in [1/2, 1)
     s = (scaled * scaled).sum(1)  # (B,), >= 1/4 where m > 0
     # Each scaled entry lost at most 3 * 2**-1075 to underflow (three steps) and each square at most
     # 2**-1074: per entry, an absolute error below 2**-1070 on the square; N of them, then the sum's
@@ -157,7 +158,7 @@ def nonnegative_norm_bound(v: Tensor) -> Tensor:
     s = (s + n * 2.0**-1070) * (1.0 + gamma(n + 1, torch.float64))
     s = round_up(s)
     norm_scaled = round_up(torch.sqrt(s))  # sqrt rounds once
-    norm = round_up(_pow2(norm_scaled, e), 1.0)  # exact power-of-two scale, or one rounding if subnormal
+    norm = round_up(mul_pow2(norm_scaled, e), 1.0)  # exact power-of-two scale, or one rounding if subnormal
     return torch.where(m > 0, norm, torch.zeros_like(norm))
 
 
