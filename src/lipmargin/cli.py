@@ -256,6 +256,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell: train.seed, train.seed+1, ... (default: the preset's sweep.seeds, else 1)")
     p.add_argument("--out", required=True, help="sweep folder (re-running continues where it stopped)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (they share a GPU, or spread over several)")
+    p.add_argument("--batched", action="store_true", help="train runs that share model, data and schedule as one stacked model (same results)")
+    p.add_argument("--group-size", type=int, default=None, help="with --batched: at most N runs per stacked model (to fit memory)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -274,12 +276,25 @@ def _sweep(args: argparse.Namespace) -> int:
     def progress(event: dict[str, Any]) -> None:
         if verbose and event.get("event") == "run":
             print(f"[{event['index']}/{event['total']}] {event['status']:<6} {event['run_dir']}", file=sys.stderr, flush=True)
+        elif verbose and event.get("event") == "group":
+            _group_progress(event)
 
-    run_sweep(base, grid, seeds, args.out, on_event=progress, jobs=args.jobs)
+    run_sweep(base, grid, seeds, args.out, on_event=progress, jobs=args.jobs, batched=args.batched, group_size=args.group_size)
     if verbose:
         print((Path(args.out) / "results.md").read_text(), end="")
         print(f"results: {Path(args.out) / 'results.json'}")
     return 0
+
+
+def _group_progress(event: dict[str, Any]) -> None:
+    """One line per batched group, redrawn in place on a terminal (else printed every ~10%)."""
+    epoch, epochs = event["epoch"], event["epochs"]
+    failed = f", {event['failed']} failed" if event.get("failed") else ""
+    line = f"group {event['group']}/{event['groups']}: {event['members']} members, epoch {epoch}/{epochs}{failed}"
+    if sys.stderr.isatty():
+        print("\r" + line, end="\n" if epoch == epochs else "", file=sys.stderr, flush=True)
+    elif epoch in (0, epochs) or epoch % max(epochs // 10, 1) == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:

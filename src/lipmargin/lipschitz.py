@@ -352,14 +352,29 @@ class FeatureBound(nn.Module):
         return rule.operator(self._layers[i], self.input_shapes[i])
 
     def forward(self, n_iter: int = 0) -> tuple[Tensor, Tensor]:
+        k, sigmas, vectors = self.advance(n_iter)
+        with torch.no_grad():
+            for name, v in vectors.items():
+                getattr(self, name).copy_(v)
+        return k, sigmas
+
+    def advance(self, n_iter: int = 0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(K, sigmas, vectors)`` like :meth:`forward`, without writing the buffers.
+
+        ``vectors`` maps buffer names to the advanced vectors (empty unless ``n_iter > 0`` in
+        training mode).  Being free of in-place buffer writes, it runs under ``torch.func.vmap`` /
+        ``functional_call`` over stacked members (see :mod:`lipmargin.batched`).
+        """
         sigmas: list[Tensor] = []
+        vectors: dict[str, Tensor] = {}
         for i, (m, rule, name) in enumerate(zip(self._layers, self._rules, self._vector_names)):
             if name is not None:
                 fwd, adj = self._operator(i)
                 v = getattr(self, name)
                 if n_iter > 0 and self.training:
                     with torch.no_grad():
-                        v.copy_(power_iteration(fwd, adj, v, n_iter))
+                        v = power_iteration(fwd, adj, v, n_iter)
+                    vectors[name] = v
                 sigmas.append(operator_norm_estimate(fwd, v.detach()))
             elif rule.estimate is not None:
                 sigmas.append(rule.estimate(m).reshape(()))
@@ -369,9 +384,9 @@ class FeatureBound(nn.Module):
                 sigmas.append(torch.tensor(float(rule.constant(m)), dtype=ref.dtype, device=ref.device))
         if not sigmas:
             ref = self._reference_tensor()
-            return torch.ones((), dtype=ref.dtype, device=ref.device), torch.ones(0)
+            return torch.ones((), dtype=ref.dtype, device=ref.device), torch.ones(0), vectors
         stacked = torch.stack(sigmas)
-        return stacked.prod(), stacked
+        return stacked.prod(), stacked, vectors
 
     def _reference_tensor(self) -> Tensor:
         for b in self.buffers():
