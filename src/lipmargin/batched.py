@@ -30,26 +30,33 @@ from typing import Any
 import torch
 import yaml
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
 from lipmargin.certify import CertifyResult
 from lipmargin.checkpoint import (
     Checkpoint,
     CheckpointError,
+    PendingCheckpoint,
     atomic_write_text,
     list_checkpoints,
     load_checkpoint,
+    save_checkpoints,
     set_torch_rng_state,
     torch_rng_state,
 )
-from lipmargin.config import LossConfig, RunConfig, config_to_dict
+from lipmargin.config import RunConfig, config_to_dict
 from lipmargin.data import DATASETS, DeviceLoader
-from lipmargin.lipschitz import _normalize, conv2d_operator, linear_operator
-from lipmargin.lipschitz import operator_norm_estimate, pairwise_head_norms, power_iteration
-from lipmargin.losses import lipschitz_penalty
 from lipmargin.models import LipschitzNet
+from lipmargin.stacked import (
+    StackedForward,
+    VmapForward,
+    converge_members,
+    loss_partitions,
+    member_losses,
+    member_optimizer_state,
+    stack_members,
+    stacked_optimizer_state,
+)
 from lipmargin.train import (
-    TRAIN_LOSSES,
     TrainingError,
     _append_line,
     _rewrite_metrics,
@@ -62,7 +69,7 @@ from lipmargin.train import (
     metrics_record,
     resolve_device,
     run_summary,
-    save_run_checkpoint,
+    run_checkpoint,
     write_run_end,
 )
 
@@ -157,57 +164,6 @@ def _is_oom(e: BaseException) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# The stacked step
-# --------------------------------------------------------------------------------------------
-
-
-class _MemberForward(nn.Module):
-    """``x -> (logits, K, advanced vectors)`` of one member; run under vmap over stacked state."""
-
-    def __init__(self, model: LipschitzNet, power_iters: int, fp64: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.power_iters = power_iters
-        self.fp64 = fp64
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        if self.fp64:
-            x = x.double()
-        logits = self.model(x)
-        k, _, vectors = self.model.bound.advance(self.power_iters)
-        return logits, k, vectors
-
-
-@dataclass
-class _HeadView:
-    """What a batched training loss sees of its member's model: the head weight (a stacked slice)."""
-
-    weight: Tensor
-
-    @property
-    def head(self) -> _HeadView:
-        return self
-
-    def pairwise_lipschitz(self, feature_lipschitz: Tensor) -> Tensor:
-        return feature_lipschitz * pairwise_head_norms(self.weight)
-
-
-def _loss_fn(cfg: LossConfig) -> Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]:
-    """The per-member training loss of ``train_one_epoch`` (loss plus the Lipschitz penalty)."""
-    train_loss = TRAIN_LOSSES[cfg.name](cfg)
-
-    def loss(logits: Tensor, target: Tensor, head_weight: Tensor, k: Tensor, progress: float) -> Tensor:
-        view = _HeadView(head_weight)
-        value = train_loss(logits, target, view, k, progress)  # type: ignore[arg-type]
-        if cfg.lipschitz_penalty > 0:
-            k_tot = k * pairwise_head_norms(head_weight).max()
-            value = value + lipschitz_penalty(k_tot, cfg.lipschitz_penalty, cfg.penalty_power)
-        return value
-
-    return loss
-
-
-# --------------------------------------------------------------------------------------------
 # Members
 # --------------------------------------------------------------------------------------------
 
@@ -244,116 +200,6 @@ def _common_start(members: Sequence[_Member]) -> int:
     return max(common or {0})
 
 
-def _stack_members(members: Sequence[_Member]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Stack the members' parameters and buffers along dim 0 and make each member's tensors views
-    of its slice, so that the stacked optimizer's updates (and ``load_state_dict`` / ``converge`` on
-    a member) act on the shared storage."""
-    models = [m.model for m in members]
-    params = {n: nn.Parameter(torch.stack([mod.get_parameter(n).detach() for mod in models])) for n, _ in models[0].named_parameters()}
-    buffers = {n: torch.stack([mod.get_buffer(n) for mod in models]) for n, _ in models[0].named_buffers()}
-    for i, mod in enumerate(models):
-        for n, stacked in params.items():
-            mod.get_parameter(n).data = stacked.data[i]
-        for n, stacked in buffers.items():
-            owner, _, leaf = n.rpartition(".")
-            mod.get_submodule(owner)._buffers[leaf] = stacked[i]
-    return params, buffers
-
-
-def _member_optimizer_state(state: dict[str, Any], i: int, members: int) -> dict[str, Any]:
-    """Member ``i``'s slice of the stacked optimizer's ``state_dict`` (the separate run's format)."""
-
-    def pick(name: str, t: Any) -> Any:
-        if isinstance(t, Tensor) and name != "step" and t.dim() > 0 and t.shape[0] == members:
-            return t[i].clone()
-        return t.clone() if isinstance(t, Tensor) else copy.deepcopy(t)
-
-    return {
-        "state": {k: {n: pick(n, t) for n, t in s.items()} for k, s in state["state"].items()},
-        "param_groups": copy.deepcopy(state["param_groups"]),
-    }
-
-
-def _stacked_optimizer_state(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    first = states[0]
-    stacked = {
-        k: {n: (t if n == "step" or not isinstance(t, Tensor) else torch.stack([s["state"][k][n] for s in states])) for n, t in v.items()}
-        for k, v in first["state"].items()
-    }
-    return {"state": stacked, "param_groups": first["param_groups"]}
-
-
-# --------------------------------------------------------------------------------------------
-# End-of-epoch convergence of the power iterations, batched over members
-# --------------------------------------------------------------------------------------------
-
-
-def _layer_operator(layer: nn.Module, shape: tuple[int, ...]) -> Callable[[Tensor], tuple[Callable, Callable]] | None:
-    """``weight -> (A, A_T)`` for the layers whose float64 operator only needs their weight."""
-    if type(layer) is nn.Linear:
-        return linear_operator
-    if type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
-        return lambda w: conv2d_operator(w, shape, layer.stride, layer.padding, layer.dilation, layer.groups)  # type: ignore[arg-type]
-    return None
-
-
-@torch.no_grad()
-def converge_members(models: Sequence[LipschitzNet], *, tol: float = 1e-9, max_iter: int = 10_000, check_every: int = 10) -> list[Tensor]:
-    """``[m.bound.converge() for m in models]``, with the power iterations of all members batched.
-
-    Each member runs exactly the chunks :func:`converge_operator_norm` runs for it alone and stops
-    at its own convergence test; the vectors are written back to the members' buffers.
-    """
-    first = models[0].bound
-    ops = [_layer_operator(m, s) if n is not None else None for m, s, n in zip(first.layers, first.input_shapes, first._vector_names)]
-    if any(op is None and n is not None for op, n in zip(ops, first._vector_names)):
-        return [m.bound.converge(tol=tol, max_iter=max_iter) for m in models]
-    per_member = [[0.0] * len(first.layers) for _ in models]
-    for i, (op, name) in enumerate(zip(ops, first._vector_names)):
-        if name is None or op is None:
-            for j, m in enumerate(models):
-                rule, layer = m.bound._rules[i], m.bound.layers[i]
-                per_member[j][i] = float(rule.estimate(layer).detach().double()) if rule.estimate is not None else float(rule.constant(layer))  # type: ignore[misc]
-            continue
-        weights = torch.stack([m.bound.layers[i].weight.detach().double() for m in models])  # (M, ...)
-        v = torch.stack([getattr(m.bound, name).detach().double() for m in models])  # (M, 1, *shape)
-        sigma = _converge_stacked(op, weights, v, tol, max_iter, check_every)
-        for j, m in enumerate(models):
-            buf = getattr(m.bound, name)
-            buf.copy_(v[j].to(buf.dtype))
-            per_member[j][i] = float(sigma[j])
-    return [torch.tensor(r, dtype=torch.float64) for r in per_member]
-
-
-def _converge_stacked(op: Callable, weights: Tensor, v: Tensor, tol: float, max_iter: int, check_every: int) -> Tensor:
-    """:func:`converge_operator_norm` for stacked members; ``v`` is updated in place, returns sigmas."""
-
-    def iterate(n: int) -> Callable[[Tensor, Tensor], Tensor]:
-        return lambda w, x: power_iteration(*op(w), x, n)
-
-    def estimate(w: Tensor, x: Tensor) -> Tensor:
-        return operator_norm_estimate(op(w)[0], x)
-
-    v.copy_(vmap(_normalize)(v))
-    sigma = vmap(estimate)(weights, v)
-    active = torch.arange(v.shape[0])
-    done = 0
-    while done < max_iter and active.numel():
-        chunk = min(check_every, max_iter - done)
-        w, x = weights[active], v[active]
-        x = vmap(iterate(chunk - 1))(w, x)
-        before = vmap(estimate)(w, x)
-        x = vmap(iterate(1))(w, x)
-        after = vmap(estimate)(w, x)
-        v[active], sigma[active] = x, after
-        done += chunk
-        pairs = torch.stack([before, after]).tolist()  # one device sync per chunk
-        still = [not abs(b - a) <= tol * max(b, 1e-300) for a, b in zip(*pairs)]
-        active = active[torch.tensor(still, dtype=torch.bool)]
-    return sigma
-
-
-
 # --------------------------------------------------------------------------------------------
 # Training a group
 # --------------------------------------------------------------------------------------------
@@ -364,6 +210,7 @@ def train_group(
     *,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     group: tuple[int, int] = (1, 1),
+    vmap_only: bool = False,
 ) -> list[str]:
     """Train ``runs`` (configs with one :func:`group_key`) as one stacked model into their folders.
 
@@ -371,7 +218,8 @@ def train_group(
     hold checkpoints continue from the newest epoch all of them hold.  Returns one message per
     member whose training loss became non-finite (its last good checkpoint is kept, the others
     finish); raises :class:`TrainingError` when the stacked model does not fit in memory, naming
-    the largest group size that does.  ``on_event`` receives ``{"event": "group", ...}`` with the
+    the largest group size that does.  ``vmap_only`` runs every model under ``torch.func.vmap`` (the
+    general path) even where bmm / grouped convolutions would do (both compute the same).  ``on_event`` receives ``{"event": "group", ...}`` with the
     group's number, members and epoch after each epoch.
     """
     emit = on_event or (lambda event: None)
@@ -397,22 +245,20 @@ def train_group(
             if free is not None and len(members) * per_member > 0.8 * free:
                 raise _memory_error(len(members), per_member, free)
         _open_run_folder(m, start)
-    params, buffers = _stack_members(members)
+    params, buffers = stack_members([m.model for m in members])
     optimizer = build_optimizer(nn.ParameterList(params.values()), base, device)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(base.optim.milestones), base.optim.gamma)
     if start > 0:
         try:
-            optimizer.load_state_dict(_stacked_optimizer_state([m.checkpoint.extra_state["optimizer"] for m in members]))  # type: ignore[union-attr]
+            optimizer.load_state_dict(stacked_optimizer_state([m.checkpoint.extra_state["optimizer"] for m in members]))  # type: ignore[union-attr]
             scheduler.load_state_dict(members[0].checkpoint.extra_state["scheduler"])  # type: ignore[union-attr]
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"checkpoints at epoch {start} do not match the configured model: {str(e).splitlines()[0]}") from None
 
     template = copy.deepcopy(members[0].model).train()
-    step_module = _MemberForward(template, base.train.power_iters, fp64)
-    stacked_params = {f"model.{n}": t for n, t in params.items()}
-    stacked_buffers = {f"model.{n}": t for n, t in buffers.items()}
-    forward = vmap(lambda p, b, x: functional_call(step_module, (p, b), (x,)))
-    losses = _loss_partitions(members)
+    engine = StackedForward if StackedForward.supports(template) and not vmap_only else VmapForward
+    forward = engine(template, params, buffers, base.train.power_iters, fp64)
+    losses = loss_partitions([m.cfg.loss for m in members])
     aug = DATASETS[base.data.name].augment if base.data.augment else None
     loaders: list[DeviceLoader] = []
     for m in members:
@@ -435,8 +281,8 @@ def train_group(
             y = torch.stack([b[1] for b in batches])  # (M, B)
             progress = (epoch - 1 + step / max(steps, 1)) / epochs
             try:
-                logits, k, vectors = forward(stacked_params, stacked_buffers, x)  # (M, B, C), (M,)
-                loss = _member_losses(losses, logits, y, params["head.weight"], k, progress)  # (M,)
+                logits, k, vectors = forward(x)  # (M, B, C), (M,)
+                loss = member_losses(losses, logits, y, params["head.weight"], k, progress)  # (M,)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), torch.full_like(first_bad, step), first_bad)
                 optimizer.zero_grad(set_to_none=True)
                 loss.sum().backward()  # member i's parameters only see member i's loss
@@ -461,6 +307,7 @@ def train_group(
         live = [j for j, m in enumerate(members) if m.error is None]
         per_layer = converge_members([members[j].model for j in live])  # METHOD.md section 3
         optimizer_state = optimizer.state_dict()
+        pending: list[PendingCheckpoint] = []
         for j, sigmas in zip(live, per_layer):
             m = members[j]
             m.train_seconds += share
@@ -480,11 +327,12 @@ def train_group(
             _append_line(m.out / "metrics.jsonl", record)
             m.board.log(record)
             if is_last or epoch % m.cfg.train.checkpoint_every == 0:
-                save_run_checkpoint(
+                pending.append(run_checkpoint(
                     m.out, m.cfg, epoch, {n: t.detach().clone() for n, t in m.model.state_dict().items()},
-                    _member_optimizer_state(optimizer_state, j, n_members), scheduler.state_dict(), m.rng,
+                    member_optimizer_state(optimizer_state, j, n_members), scheduler.state_dict(), m.rng,
                     m.train_seconds, record, data.train,
-                )
+                ))
+        save_checkpoints(pending)  # all members' files in a couple of fsync rounds
         emit({**info, "epoch": epoch, "failed": n_members - len(live)})
 
     for m in members:
@@ -527,29 +375,3 @@ def _evaluate(m: _Member, ds: Any) -> CertifyResult:
     result = evaluate(m.model, ds, m.cfg.eval.eps, method=m.cfg.eval.bound, batch_size=m.cfg.eval.batch_size)
     m.rng = torch_rng_state()
     return result
-
-
-_Partition = tuple[list[int], Callable[..., Tensor]]
-
-
-def _loss_partitions(members: Sequence[_Member]) -> list[_Partition]:
-    """Members with equal loss settings, each set with its loss vmapped over its members."""
-    by_cfg: dict[LossConfig, list[int]] = {}
-    for j, m in enumerate(members):
-        by_cfg.setdefault(m.cfg.loss, []).append(j)
-    return [(idx, vmap(_loss_fn(cfg), in_dims=(0, 0, 0, 0, None))) for cfg, idx in by_cfg.items()]
-
-
-def _member_losses(parts: Sequence[_Partition], logits: Tensor, y: Tensor, head_weight: Tensor, k: Tensor, progress: float) -> Tensor:
-    """``(M,)`` training losses, member ``j`` computed with member ``j``'s loss settings."""
-    if len(parts) == 1:
-        return parts[0][1](logits, y, head_weight, k, progress)
-    order: list[int] = []
-    values: list[Tensor] = []
-    for idx, fn in parts:
-        sel = torch.tensor(idx, device=logits.device)
-        values.append(fn(logits[sel], y[sel], head_weight[sel], k[sel], progress))
-        order += idx
-    inverse = torch.empty(len(order), dtype=torch.long, device=logits.device)
-    inverse[torch.tensor(order, device=logits.device)] = torch.arange(len(order), device=logits.device)
-    return torch.cat(values)[inverse]

@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from lipmargin.certify import CertifyResult, certify, model_bound
 from lipmargin.checkpoint import (
     CheckpointError,
+    PendingCheckpoint,
     atomic_write_text,
     latest_checkpoint,
-    save_checkpoint,
+    save_checkpoints,
     set_torch_rng_state,
     torch_rng_state,
 )
@@ -607,7 +608,24 @@ def save_run_checkpoint(
     train_data: ArrayDataset,
 ) -> None:
     """The checkpoint of a run folder after ``epoch`` (what ``--resume`` and ``load_run`` read)."""
-    save_checkpoint(
+    save_checkpoints([run_checkpoint(out, cfg, epoch, model_state, optimizer_state, scheduler_state, rng_state,
+                                     train_seconds, record, train_data)])
+
+
+def run_checkpoint(
+    out: Path,
+    cfg: RunConfig,
+    epoch: int,
+    model_state: dict[str, Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+    rng_state: dict[str, Tensor],
+    train_seconds: float,
+    record: dict[str, Any],
+    train_data: ArrayDataset,
+) -> PendingCheckpoint:
+    """What :func:`save_run_checkpoint` writes, for ``save_checkpoints`` of several runs at once."""
+    return PendingCheckpoint(
         out / "checkpoints",
         epoch,
         model_state,
