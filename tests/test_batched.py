@@ -103,7 +103,6 @@ def test_member_folders_have_every_file_and_work_with_the_run_tools(batched_swee
         cfg, model, epoch = load_run(run)
         assert epoch == EPOCHS and cfg.train.precision == "fp64"
     assert (batched_sweep / "results.md").is_file()
-    assert main(["report", str(batched_sweep)]) == 0
     run = _runs(batched_sweep)[0]
     assert main(["certify", str(run), "--eps", "0.15", "--json"]) == 0
 
@@ -182,3 +181,55 @@ def test_cli_sweep_batched_and_argument_errors(tmp_path: Path, capsys: pytest.Ca
     assert main([*args, "--out", str(tmp_path / "b"), "--group-size", "2"]) == 2
     assert "--group-size" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "c"), "--batched", "--jobs", "2"]) == 2
+
+
+def test_vmap_path_matches_separate_runs(tmp_path: Path) -> None:
+    """The general path (vmap over functional_call, for models without a bmm / grouped-conv form)."""
+    cfgs = [config_from_dict({**_base(**{"train.epochs": 1}), "train": {**_base()["train"], "epochs": 1, "seed": s}})
+            for s in (3, 4)]
+    assert train_group([(c, tmp_path / f"b{i}") for i, c in enumerate(cfgs)], vmap_only=True) == []
+    for i, c in enumerate(cfgs):
+        fit(c, tmp_path / f"s{i}")
+        a, b = _metrics(tmp_path / f"s{i}"), _metrics(tmp_path / f"b{i}")
+        assert len(a) == len(b) == 1
+        for key in ("train_loss", "train_accuracy", "clean_accuracy", "lipschitz"):
+            assert b[0][key] == pytest.approx(a[0][key], rel=1e-6), key
+        assert b[0]["lipschitz_per_layer"] == pytest.approx(a[0]["lipschitz_per_layer"], rel=1e-6)
+
+
+def test_stacked_conv_operators_and_convergence_match_each_member() -> None:
+    """Grouped-conv operators of stacked members against each member's own conv operator, and the
+    batched end-of-epoch convergence against each member's ``bound.converge()``."""
+    from lipmargin.models import create_model
+    from lipmargin.stacked import StackedForward, _stacked_operator, converge_members, stack_members
+
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(create_model("2C2F", (1, 8, 8), 10, width=4, dense_width=8).double())
+    copies = [__import__("copy").deepcopy(m) for m in models]
+    params, buffers = stack_members(models)
+    for layer, shape in zip(models[0].bound.layers, models[0].bound.input_shapes):
+        if not isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            continue
+        name = {id(m): n for n, m in models[0].named_modules()}[id(layer)]
+        fwd, adj = _stacked_operator(layer, params[f"{name}.weight"], shape)
+        v = torch.randn(3, 1, *shape, dtype=torch.float64)
+        out = fwd(v)
+        y = torch.randn_like(out)
+        for j, m in enumerate(copies):
+            own = m.bound._operator(m.bound.layers.index(m.get_submodule(name)))
+            torch.testing.assert_close(out[j], own[0](v[j]))
+            torch.testing.assert_close(adj(y)[j], own[1](y[j]))
+    x = torch.rand(3, 5, 1, 8, 8, dtype=torch.float64)
+    logits, k, _ = StackedForward(models[0], params, buffers, 0, True)(x)
+    for j, m in enumerate(copies):
+        torch.testing.assert_close(logits[j], m(x[j]))
+        torch.testing.assert_close(k[j], m.feature_lipschitz(0)[0])
+    got = converge_members(models)
+    for j, m in enumerate(copies):
+        want = m.bound.converge()
+        torch.testing.assert_close(got[j], want, rtol=1e-8, atol=0)
+        # The members' buffers (views of the stacks) received the converged vectors.
+        for name, buf in m.bound.named_buffers():
+            torch.testing.assert_close(getattr(models[j].bound, name), buf, rtol=1e-6, atol=1e-6)
