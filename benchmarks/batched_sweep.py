@@ -56,7 +56,7 @@ def _timed(fn) -> float:
 
 def run_case(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     case = CASES[name]
-    overrides = [f"train.device={case['device']}"]
+    overrides = [f"train.device={args.device or case['device']}"]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.root is not None:
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs for every run (default: the preset's)")
     parser.add_argument("--root", default=None, help="data.root (Fashion-MNIST IDX files for the GPU case)")
     parser.add_argument("--group-size", type=int, default=None)
+    parser.add_argument("--device", default=None, help="train.device for every run (default: the case's, cpu or cuda)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     parser.add_argument("--keep", default=None, help="keep the sweep folders under this folder")
     parser.add_argument("--no-record", action="store_true", help="do not append rows to RESULTS.md")

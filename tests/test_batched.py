@@ -17,6 +17,7 @@ from lipmargin.checkpoint import latest_checkpoint, list_checkpoints
 from lipmargin.cli import main
 from lipmargin.config import config_from_dict, config_to_dict, load_config
 from lipmargin.sweep import run_sweep
+from lipmargin.lipschitz import pairwise_head_norms
 from lipmargin.train import TrainingError, fit, load_run
 
 GRID = {"loss.p": [0.25, 0.01]}
@@ -233,3 +234,29 @@ def test_stacked_conv_operators_and_convergence_match_each_member() -> None:
         # The members' buffers (views of the stacks) received the converged vectors.
         for name, buf in m.bound.named_buffers():
             torch.testing.assert_close(getattr(models[j].bound, name), buf, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(batched.BATCHED_LOSSES))
+def test_every_batched_loss_equals_the_loss_on_each_member_model(name: str) -> None:
+    """The vmapped per-member loss (head weight slice + K) against the registered training loss
+    called on each member's real model, for every loss ``group_key`` lets into a group."""
+    from lipmargin.models import create_model
+    from lipmargin.stacked import loss_partitions, member_losses, stack_members
+    from lipmargin.train import TRAIN_LOSSES
+
+    cfgs = [load_config(None, preset="moons-slack", overrides=[f"loss.name={name}", f"loss.eps={eps}", "loss.p=0.1"])
+            for eps in (0.15, 0.3, 0.15)]
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(create_model("mlp", (4,), 3, widths=(6,)).double())
+    references = [__import__("copy").deepcopy(m) for m in models]
+    params, _ = stack_members(models)
+    logits = torch.randn(3, 7, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, 7))
+    k = torch.rand(3, dtype=torch.float64) + 0.5
+    got = member_losses(loss_partitions([c.loss for c in cfgs]), logits, y, params["head.weight"], k, 0.3)
+    for j, (c, m) in enumerate(zip(cfgs, references)):
+        want = TRAIN_LOSSES[name](c.loss)(logits[j], y[j], m, k[j], 0.3)
+        want = want + c.loss.lipschitz_penalty * (k[j] * pairwise_head_norms(m.head.weight).max()) ** c.loss.penalty_power
+        torch.testing.assert_close(got[j], want)
