@@ -363,6 +363,11 @@ class FeatureBound(nn.Module):
     def layers(self) -> list[nn.Module]:
         return self._layers
 
+    @property
+    def vector_names(self) -> list[str | None]:
+        """Per layer: the name of its power-iteration buffer, or ``None`` (no operator rule)."""
+        return list(self._vector_names)
+
     def _operator(self, i: int) -> tuple[Operator, Operator]:
         rule = self._rules[i]
         assert rule.operator is not None

@@ -122,7 +122,7 @@ class StackedForward:
         names = _module_names(template)
         bound = template.bound
         self.layers = [(names[id(m)], m) for m in bound.layers]
-        self.vectors = list(zip(bound.layers, bound.input_shapes, bound._vector_names))
+        self.vectors = list(zip(bound.layers, bound.input_shapes, bound.vector_names))
 
     @staticmethod
     def supports(model: LipschitzNet) -> bool:
@@ -267,11 +267,11 @@ def converge_members(models: Sequence[LipschitzNet], *, tol: float = 1e-9, max_i
     if not models:
         return []
     first = models[0].bound
-    for m, name in zip(first.layers, first._vector_names):
+    for m, name in zip(first.layers, first.vector_names):
         if name is not None and not _stackable(m):
             return [model.bound.converge(tol=tol, max_iter=max_iter) for model in models]
     per_member = [[0.0] * len(first.layers) for _ in models]
-    for i, (layer, shape, name) in enumerate(zip(first.layers, first.input_shapes, first._vector_names)):
+    for i, (layer, shape, name) in enumerate(zip(first.layers, first.input_shapes, first.vector_names)):
         if name is None:
             for j, model in enumerate(models):
                 m, rule = model.bound.layers[i], layer_rule(model.bound.layers[i])
