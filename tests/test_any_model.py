@@ -141,6 +141,9 @@ def test_model_changed_after_construction() -> None:
     model.features[0] = big
     after = model_bound(model)
     assert after.feature > 10 * before.feature  # the bound sees the new layer
+    k, _ = model.feature_lipschitz(0)  # the estimate looks the layer up by name: it follows too
+    assert float(k) > 10 * before.feature * 0.01
+    model.features.append(nn.Identity())  # a layer added after construction
     with pytest.raises(ModelStructureError):
         model.feature_lipschitz(1)
     with pytest.raises(ValueError, match="other weights"):

@@ -348,6 +348,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (they share a GPU, or spread over several)")
     p.add_argument("--overwrite", action="store_true",
                    help="--out (or a cell in it) holds runs of a different config: move them aside to *.old-<time>")
+    p.add_argument("--batched", action="store_true", help="train runs that share model, data and schedule as one stacked model (same results)")
+    p.add_argument("--group-size", type=int, default=None, help="with --batched: at most N runs per stacked model (to fit memory)")
 
 
 @command("sweep", "train a grid of configs x seeds and tabulate mean / std", _sweep_args)
@@ -373,11 +375,17 @@ def _sweep(args: argparse.Namespace) -> int:
             print(f"lipmargin: moved {event['run_dir']} to {event['moved_to']}", file=sys.stderr, flush=True)
         elif kind == "run":
             display.line(f"[{event['index']}/{event['total']}] {event['status']:<6} {event['run_dir']}")
+        elif kind == "group":  # a batched group: members, epoch
+            if event["epoch"] == event["epochs"]:
+                display.line(_group_line(event))
+            else:
+                display.status(_group_line(event), force=event["epoch"] == 0)
         else:  # the current run's training progress
             run_events(event)
 
     try:
-        run_sweep(base, grid, seeds, args.out, on_event=progress, jobs=args.jobs, overwrite=args.overwrite)
+        run_sweep(base, grid, seeds, args.out, on_event=progress, jobs=args.jobs, overwrite=args.overwrite,
+                  batched=args.batched, group_size=args.group_size)
     except RunExistsError as e:
         _err(f"{e}; re-run with --overwrite to move it aside (nothing is deleted), or choose another --out")
         return EXIT_USAGE
@@ -385,6 +393,12 @@ def _sweep(args: argparse.Namespace) -> int:
         print((Path(args.out) / "results.md").read_text(), end="")
         print(f"results: {Path(args.out) / 'results.json'}")
     return 0
+
+
+def _group_line(event: dict[str, Any]) -> str:
+    """The progress line of a batched group: members, epoch."""
+    failed = f", {event['failed']} failed" if event.get("failed") else ""
+    return f"group {event['group']}/{event['groups']}: {event['members']} members, epoch {event['epoch']}/{event['epochs']}{failed}"
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:

@@ -101,7 +101,7 @@ class GraphPlan:
     output: str
     head: str | None
     num_classes: int
-    structure: tuple[tuple[str, int], ...] = field(repr=False, default=())
+    structure: tuple[tuple[str, str], ...] = field(repr=False, default=())
 
     @property
     def leaves(self) -> list[Step]:
@@ -131,9 +131,11 @@ class GraphPlan:
         return h.hexdigest()
 
 
-def structure_signature(model: nn.Module) -> tuple[tuple[str, int], ...]:
-    """Names and identities of every submodule: changes when a layer is replaced or appended."""
-    return tuple((name, id(m)) for name, m in model.named_modules())
+def structure_signature(model: nn.Module) -> tuple[tuple[str, str], ...]:
+    """Names and types of every submodule: changes when a layer is added, removed or replaced by
+    another kind (a copy of the model has the same signature; a same-type replacement is looked up
+    live by name, so the estimate follows it)."""
+    return tuple((name, f"{type(m).__module__}.{type(m).__qualname__}") for name, m in model.named_modules())
 
 
 def check_hooks(model: nn.Module) -> None:

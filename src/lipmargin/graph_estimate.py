@@ -94,9 +94,41 @@ class FeatureBound(nn.Module):
             return p
         return torch.zeros(())
 
+    def _operator(self, i: int):
+        """The power-iteration operator ``(A, A^T)`` of leaf ``i`` (``None`` rule: ``TypeError``)."""
+        step, rule = self._plan.leaves[i], self._rules[i]
+        if rule.operator is None:
+            raise TypeError(f"leaf {i} ({type(self._plan.module(step)).__name__}) has no power-iteration operator")
+        return rule.operator(self._plan.module(step), step.in_shape or ())
+
+    @property
+    def vector_names(self) -> list[str | None]:
+        """Per leaf: the name of its power-iteration buffer, or ``None`` (no operator rule)."""
+        return list(self._vector_names)
+
+    @property
+    def is_chain(self) -> bool:
+        """Whether the traced module is a plain chain of leaves (no branches, sums or scalings)."""
+        return all(s.kind in ("input", "leaf") or (s.kind == "op" and s.comb[0] == "sum" and len(s.comb[1]) == 1
+                                                   and float(s.comb[1][0][1]) == 1.0) for s in self._plan.steps
+                   if s.kind != "const")
+
     def forward(self, n_iter: int = 0) -> tuple[Tensor, Tensor]:
-        lip, sigmas = self._estimate(n_iter)
-        return lip[self._plan.output], sigmas
+        k, sigmas, vectors = self.advance(n_iter)
+        with torch.no_grad():
+            for name, v in vectors.items():
+                getattr(self, name).copy_(v)
+        return k, sigmas
+
+    def advance(self, n_iter: int = 0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(K, sigmas, vectors)`` like :meth:`forward`, without writing the buffers.
+
+        ``vectors`` maps buffer names to the advanced vectors (empty unless ``n_iter > 0`` in
+        training mode).  Free of in-place buffer writes, it runs under ``torch.func.vmap`` /
+        ``functional_call`` over stacked members (see :mod:`lipmargin.batched`).
+        """
+        lip, sigmas, vectors = self._estimate(n_iter)
+        return lip[self._plan.output], sigmas, vectors
 
     def pairwise(self, n_iter: int = 0) -> tuple[Tensor, Tensor]:
         """``(K, pairwise (C, C))`` for a whole model: ``K ||W_i - W_j||`` when it ends in a linear
@@ -106,14 +138,18 @@ class FeatureBound(nn.Module):
         """
         if self._plan.num_classes == 0:
             raise ValueError("pairwise needs a model that returns logits of shape (B, C)")
-        lip, _ = self._estimate(n_iter)
+        lip, _, vectors = self._estimate(n_iter)
+        with torch.no_grad():
+            for name, v in vectors.items():
+                getattr(self, name).copy_(v)
         return pairwise_estimate(self._plan, lip)
 
-    def _estimate(self, n_iter: int) -> tuple[dict[str, Tensor], Tensor]:
+    def _estimate(self, n_iter: int) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
         self._check_structure()
         ref = self._reference_tensor()
         values: dict[str, Tensor] = {}
         sigmas: list[Tensor] = []
+        vectors: dict[str, Tensor] = {}
         for step, rule, name in zip(self._plan.leaves, self._rules, self._vector_names):
             m = self._plan.module(step)
             if name is not None:
@@ -122,7 +158,8 @@ class FeatureBound(nn.Module):
                 v = getattr(self, name)
                 if n_iter > 0 and self.training:
                     with torch.no_grad():
-                        v.copy_(power_iteration(fwd, adj, v, n_iter))
+                        v = power_iteration(fwd, adj, v, n_iter)
+                    vectors[name] = v
                 sigma = operator_norm_estimate(fwd, v.detach())
             elif rule.estimate is not None:
                 sigma = rule.estimate(m).reshape(()).to(ref)
@@ -134,7 +171,7 @@ class FeatureBound(nn.Module):
             values[step.name] = sigma
             sigmas.append(sigma)
         lip = compose_estimate(self._plan, values, ref)
-        return lip, (torch.stack(sigmas) if sigmas else torch.ones(0))
+        return lip, (torch.stack(sigmas) if sigmas else torch.ones(0)), vectors
 
     @torch.no_grad()
     def converge(self, *, tol: float = 1e-9, max_iter: int = 10_000) -> Tensor:

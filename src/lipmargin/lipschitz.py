@@ -216,24 +216,41 @@ def conv2d_operator(
 # --------------------------------------------------------------------------------------------
 
 
-def _normalize(v: Tensor) -> Tensor:
+def _norms(v: Tensor, batched: bool) -> Tensor:
+    """``||v||`` (a scalar); with ``batched``, ``||v[i]||`` of each member, shaped to broadcast on ``v``."""
+    if not batched:
+        return v.norm()
+    return torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1).reshape(-1, *([1] * (v.dim() - 1)))
+
+
+def _normalize(v: Tensor, batched: bool = False) -> Tensor:
     # The tiny floor keeps an all-zero operator (a dead layer) from producing NaNs.
-    return v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
+    return v / _norms(v, batched).clamp_min(torch.finfo(v.dtype).tiny)
 
 
-def power_iteration(forward: Operator, adjoint: Operator, v: Tensor, n_iter: int) -> Tensor:
-    """``n_iter`` steps of ``v <- A^T A v / ||A^T A v||``; returns the new unit vector."""
+def power_iteration(forward: Operator, adjoint: Operator, v: Tensor, n_iter: int, *, batched: bool = False) -> Tensor:
+    """``n_iter`` steps of ``v <- A^T A v / ||A^T A v||``; returns the new unit vector.
+
+    ``batched``: ``v`` stacks independent vectors along dim 0 (one per operator of a block-diagonal
+    ``A``, as in a batched sweep) and each is normalised on its own.
+    """
     for _ in range(n_iter):
         u = adjoint(forward(v))
+        norm = _norms(u, batched)  # what _normalize(u) divides by, computed once
         # v in the null space (e.g. a dead, all-zero layer): keep v instead of a zero vector, whose
         # estimate ||A 0|| / ||0|| would be NaN.  torch.where, not `if`, so the GPU never syncs.
-        v = torch.where(u.norm() > 0, _normalize(u), v)
+        v = torch.where(norm > 0, u / norm.clamp_min(torch.finfo(u.dtype).tiny), v)
     return v
 
 
-def operator_norm_estimate(forward: Operator, v: Tensor) -> Tensor:
-    """``||A v|| / ||v||``: a lower estimate of ``||A||_2`` (a scalar tensor, differentiable in A)."""
-    return forward(v).norm() / v.norm()
+def operator_norm_estimate(forward: Operator, v: Tensor, *, batched: bool = False) -> Tensor:
+    """``||A v|| / ||v||``: a lower estimate of ``||A||_2`` (a scalar tensor, differentiable in A).
+
+    ``batched``: one estimate per vector stacked along dim 0, shape ``(M,)``.
+    """
+    if not batched:
+        return forward(v).norm() / v.norm()
+    return (_norms(forward(v), True) / _norms(v, True)).reshape(-1)
 
 
 def converge_operator_norm(

@@ -96,18 +96,26 @@ def run_sweep(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     jobs: int = 1,
     overwrite: bool = False,
+    batched: bool = False,
+    group_size: int | None = None,
 ) -> dict[str, Any]:
     """Train every (cell, seed) into ``out_dir`` and write the results tables; returns results.
 
     ``jobs`` > 1 trains that many runs at once in separate processes (on one GPU they share it; with
     several visible GPUs they are spread over them).  ``on_event`` receives ``run`` events (one per
     run: done / start / resume / finished / failed), ``moved`` events (``overwrite``) and, with
-    ``jobs=1``, the running run's :func:`~lipmargin.train.fit` events.
+    ``jobs=1``, the running run's :func:`~lipmargin.train.fit` events.  ``batched`` trains the runs
+    that share model, data and schedule as one stacked model (see :mod:`lipmargin.batched`), at most
+    ``group_size`` per group; the others train one by one.
     """
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1; got {seeds}")
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1; got {jobs}")
+    if group_size is not None and (group_size < 1 or not batched):
+        raise ConfigError(f"--group-size must be >= 1 and goes with --batched; got {group_size}")
+    if batched and jobs > 1:
+        raise ConfigError("--batched trains in one process; drop --jobs")
     out = Path(out_dir)
     emit = on_event or (lambda event: None)
     base_cfg = config_from_dict(base)
@@ -158,7 +166,9 @@ def run_sweep(
             continue
         resume = latest_checkpoint(run_dir / "checkpoints") is not None
         todo.append((event, cfg, run_dir, resume))
-    if jobs == 1:
+    if batched:
+        _run_batched(todo, group_size, emit)
+    elif jobs == 1:
         for event, cfg, run_dir, resume in todo:
             emit({**event, "status": "resume" if resume else "start"})
             fit(cfg, run_dir, resume=resume, on_event=emit)
@@ -245,6 +255,33 @@ def _run_parallel(
                 emit({**event, "status": "failed", "error": str(e)})
             else:
                 emit({**event, "status": "finished"})
+    if failures:
+        raise SweepError(f"{len(failures)} of {len(todo)} runs failed: " + "; ".join(failures))
+
+
+def _run_batched(
+    todo: Sequence[tuple[dict[str, Any], RunConfig, Path, bool]], group_size: int | None, emit: Callable[[dict[str, Any]], None]
+) -> None:
+    """Train ``todo`` in batched groups; a group of one trains as a plain run."""
+    from lipmargin.batched import plan_groups, train_group
+
+    groups = plan_groups([cfg for _, cfg, _, _ in todo], group_size)
+    failures: list[str] = []
+    for g, idx in enumerate(groups):
+        for i in idx:
+            event, _, _, resume = todo[i]
+            emit({**event, "status": "resume" if resume else "start", "group": g + 1})
+        if len(idx) == 1:
+            _, cfg, run_dir, resume = todo[idx[0]]
+            fit(cfg, run_dir, resume=resume)
+            failed: list[str] = []
+        else:
+            failed = train_group([(todo[i][1], todo[i][2]) for i in idx], on_event=emit, group=(g + 1, len(groups)))
+        failures += failed
+        for i in idx:
+            event = todo[i][0]
+            bad = [f for f in failed if f.startswith(f"{event['run_dir']}:")]
+            emit({**event, "status": "failed" if bad else "finished", "group": g + 1})
     if failures:
         raise SweepError(f"{len(failures)} of {len(todo)} runs failed: " + "; ".join(failures))
 

@@ -26,11 +26,13 @@ from lipmargin.certify import CertifyResult, certify, model_bound
 from lipmargin.checkpoint import (
     CheckpointError,
     CheckpointRef,
+    PendingCheckpoint,
     atomic_write_text,
+    latest_checkpoint,
     newest_intact_checkpoint,
     read_checkpoint_ref,
     resolve_checkpoint,
-    save_checkpoint,
+    save_checkpoints,
     set_torch_rng_state,
     torch_rng_state,
 )
@@ -580,7 +582,6 @@ def _fit(
     emit: Callable[[dict[str, Any]], None],
     replace: bool = False,
 ) -> dict[str, Any]:
-    ckpt_dir = out / "checkpoints"
     main = dist.is_main
     # Everything that can fail on bad input happens before the run folder is created.
     data = load_run_data(cfg)
@@ -665,18 +666,9 @@ def _fit(
         if board is not None:
             board.log(record)
         if is_last or epoch % cfg.train.checkpoint_every == 0:
-            saved = save_checkpoint(
-                ckpt_dir,
-                epoch,
-                model.state_dict(),
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch_rng_state()},
-                {
-                    "config": config_to_dict(cfg),
-                    "train_seconds": train_seconds,
-                    "metrics": record,
-                    "data_shape": {"in_shape": list(data.train.in_shape), "num_classes": data.train.num_classes},
-                },
-                keep=cfg.train.keep_checkpoints,
+            saved = save_run_checkpoint(
+                out, cfg, epoch, model.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
+                torch_rng_state(), train_seconds, record, data.train,
             )
             final_ref = read_checkpoint_ref(saved)
         emit({"event": "epoch", **record})
@@ -685,10 +677,69 @@ def _fit(
         board.close()
     if last_eval is None:  # resumed a run that had already finished
         last_eval = evaluate(model, data.eval, cfg.eval.eps, method=cfg.eval.bound, batch_size=cfg.eval.batch_size)
-    summary = {
+    summary = run_summary(cfg, last_eval, data.eval_split, train_seconds, model)
+    if final_ref is not None:  # the weights these metrics belong to
+        summary["checkpoint"] = final_ref.to_dict(relative_to=out)
+    if main:
+        write_run_end(out, summary, last_eval)
+        emit({"event": "end", **summary})
+    return summary
+
+
+def save_run_checkpoint(
+    out: Path,
+    cfg: RunConfig,
+    epoch: int,
+    model_state: dict[str, Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+    rng_state: dict[str, Tensor],
+    train_seconds: float,
+    record: dict[str, Any],
+    train_data: ArrayDataset,
+) -> Path:
+    """The checkpoint of a run folder after ``epoch`` (what ``--resume`` and ``load_run`` read);
+    returns the path of its ``.json`` record."""
+    return save_checkpoints([run_checkpoint(out, cfg, epoch, model_state, optimizer_state, scheduler_state, rng_state,
+                                            train_seconds, record, train_data)])[0]
+
+
+def run_checkpoint(
+    out: Path,
+    cfg: RunConfig,
+    epoch: int,
+    model_state: dict[str, Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+    rng_state: dict[str, Tensor],
+    train_seconds: float,
+    record: dict[str, Any],
+    train_data: ArrayDataset,
+) -> PendingCheckpoint:
+    """What :func:`save_run_checkpoint` writes, for ``save_checkpoints`` of several runs at once."""
+    return PendingCheckpoint(
+        out / "checkpoints",
+        epoch,
+        model_state,
+        {"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state},
+        {
+            "config": config_to_dict(cfg),
+            "train_seconds": train_seconds,
+            "metrics": record,
+            "data_shape": {"in_shape": list(train_data.in_shape), "num_classes": train_data.num_classes},
+        },
+        keep=cfg.train.keep_checkpoints,
+    )
+
+
+def run_summary(
+    cfg: RunConfig, last_eval: CertifyResult, eval_split: str, train_seconds: float, model: nn.Module
+) -> dict[str, Any]:
+    """The ``summary.json`` payload of a finished run."""
+    return {
         **metrics_record(last_eval),
         "epochs": cfg.train.epochs,
-        "eval_split": data.eval_split,
+        "eval_split": eval_split,
         "train_seconds": train_seconds,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "model": cfg.model.name,
@@ -696,13 +747,12 @@ def _fit(
         "dataset": cfg.data.name,
         "seed": cfg.train.seed,
     }
-    if final_ref is not None:  # the weights these metrics belong to
-        summary["checkpoint"] = final_ref.to_dict(relative_to=out)
-    if main:
-        write_certificates(out / "certificates.csv", last_eval)
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
-        emit({"event": "end", **summary})
-    return summary
+
+
+def write_run_end(out: Path, summary: dict[str, Any], last_eval: CertifyResult) -> None:
+    """``certificates.csv`` and, last (it marks the run finished), ``summary.json``."""
+    write_certificates(out / "certificates.csv", last_eval)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 
 
 @dataclass(frozen=True)
