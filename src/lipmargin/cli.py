@@ -61,6 +61,9 @@ class ProgressBar:
         if kind == "start":
             self.total = int(event["epochs"])
             self.t0 = time.perf_counter()
+            if "precision" in event:
+                layout = ", channels-last" if event.get("channels_last") else ""
+                self.stream.write(f"training on {event.get('device')} in {event['precision']}{layout}\n")
         elif kind == "epoch":
             done = int(event["epoch"])
             width = 24

@@ -11,6 +11,7 @@ Lipschitz constant of the logit difference ``f_i - f_j``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ __all__ = [
     "pairwise_head_norms_bound",
     "operator_norm_bound",
     "ROUNDING_MARGIN",
+    "no_autocast",
 ]
 
 #: Relative inflation applied to float64 results that are called bounds.  float64 SVD / FFT / norm
@@ -165,6 +167,17 @@ def conv2d_operator(
         return F.conv_transpose2d(y, weight, None, s, p, op, groups, d)
 
     return forward, adjoint
+
+
+def no_autocast(t: Tensor) -> contextlib.AbstractContextManager:
+    """A context that leaves autocast on ``t``'s device (a no-op on devices without autocast).
+
+    Power iterations, weight parametrisations and bounds run in the parameters' own precision even
+    when the surrounding forward runs under ``torch.autocast`` (``train.precision=bf16``).
+    """
+    if t.device.type in ("cpu", "cuda"):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,6 +365,11 @@ class FeatureBound(nn.Module):
         return rule.operator(self._layers[i], self.input_shapes[i])
 
     def forward(self, n_iter: int = 0) -> tuple[Tensor, Tensor]:
+        # Never under autocast: with train.precision=bf16 only the model's forward is bfloat16.
+        with no_autocast(self._reference_tensor()):
+            return self._forward(n_iter)
+
+    def _forward(self, n_iter: int) -> tuple[Tensor, Tensor]:
         sigmas: list[Tensor] = []
         for i, (m, rule, name) in enumerate(zip(self._layers, self._rules, self._vector_names)):
             if name is not None:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lipmargin.bounds import conv2d_norm_bound, linear_norm_bound
-from lipmargin.lipschitz import ROUNDING_MARGIN, register_layer_rule
+from lipmargin.lipschitz import ROUNDING_MARGIN, no_autocast, register_layer_rule
 
 __all__ = [
     "aol_linear_scale",
@@ -252,7 +252,9 @@ class AOLLinear(nn.Module):
         return w * aol_linear_scale(w)[None, :]
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.effective_weight(), self.bias)
+        with no_autocast(self.weight):
+            w = self.effective_weight()
+        return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -289,7 +291,9 @@ class AOLConv2d(nn.Module):
         return w * aol_conv_scale(w).view(1, -1, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.effective_weight(), self.bias, padding=self.padding)
+        with no_autocast(self.weight):
+            w = self.effective_weight()
+        return F.conv2d(x, w, self.bias, padding=self.padding)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
@@ -391,9 +395,10 @@ class _ConvexPotential(nn.Module):
         return cpl_step_size(sigma, self.safety)
 
     def _forward_step(self) -> Tensor:
-        if self.training and self.power_iters > 0:
-            self._advance(self.power_iters)
-        return self.step_size()
+        with no_autocast(self.weight):
+            if self.training and self.power_iters > 0:
+                self._advance(self.power_iters)
+            return self.step_size()
 
 
 class CPLLinear(_ConvexPotential):
@@ -551,7 +556,9 @@ class SLLLinear(nn.Module):
         return sll_linear_scale(w, q)
 
     def forward(self, x: Tensor) -> Tensor:
-        z = F.relu(F.linear(x, self.weight, self.bias)) * self.inverse_t()
+        with no_autocast(self.weight):
+            inv_t = self.inverse_t()
+        z = F.relu(F.linear(x, self.weight, self.bias)) * inv_t
         return x - 2.0 * (z @ self.weight)
 
     def extra_repr(self) -> str:
@@ -587,8 +594,10 @@ class SLLConv2d(nn.Module):
         return sll_conv_scale(w, q)
 
     def forward(self, x: Tensor) -> Tensor:
+        with no_autocast(self.weight):
+            inv_t = self.inverse_t()
         z = F.relu(F.conv2d(x, self.weight, self.bias, padding=self.padding))
-        z = z * self.inverse_t().view(1, -1, 1, 1)
+        z = z * inv_t.view(1, -1, 1, 1)
         return x - 2.0 * F.conv_transpose2d(z, self.weight, padding=self.padding)
 
     def extra_repr(self) -> str:
@@ -743,10 +752,11 @@ class SOCConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] != self.in_channels:
             raise ValueError(f"SOCConv2d expects {self.in_channels} input channels, got shape {tuple(x.shape)}")
-        if self.training and self.power_iters > 0:
-            self._advance(self.power_iters)
         size = None if self.training else (int(x.shape[-2]), int(x.shape[-1]))
-        kernel = self.skew_operator_kernel(size=size)
+        with no_autocast(self.weight):
+            if self.training and self.power_iters > 0:
+                self._advance(self.power_iters)
+            kernel = self.skew_operator_kernel(size=size)
         if self.channels > self.in_channels:
             x = F.pad(x, (0, 0, 0, 0, 0, self.channels - self.in_channels))
         terms = self.train_terms if self.training else self.eval_terms
