@@ -46,11 +46,17 @@ class _MaxMinPairs(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         gt, tie = ctx.saved_tensors
         g_hi, g_lo = _pair_views(grad, ctx.interleaved)
+        half = g_hi * 0.5 + g_lo * 0.5  # a tie: maximum's and minimum's backward give half each
+        if grad.requires_grad:  # create_graph (double backward): out= is not differentiable
+            g_a = torch.where(tie, half, torch.where(gt, g_hi, g_lo))
+            g_b = torch.where(tie, half, torch.where(gt, g_lo, g_hi))
+            if ctx.interleaved:
+                return torch.stack([g_a, g_b], 2).flatten(1, 2), None
+            return torch.cat([g_a, g_b], 1), None
         g_x = torch.empty_like(grad)
         g_a, g_b = _pair_views(g_x, ctx.interleaved)
         torch.where(gt, g_hi, g_lo, out=g_a)
         torch.where(gt, g_lo, g_hi, out=g_b)
-        half = g_hi * 0.5 + g_lo * 0.5  # a tie: maximum's and minimum's backward give half each
         torch.where(tie, half, g_a, out=g_a)
         torch.where(tie, half, g_b, out=g_b)
         return g_x, None
