@@ -296,3 +296,32 @@ def test_subset_config_values_and_run_data():
 
 def test_run_config_default_keeps_every_sample():
     assert RunConfig().data.train_size is None and RunConfig().data.test_size is None
+
+
+# --------------------------------------------------------------------------------------------
+# SOC on few pixels: the dense-matrix path is the same map as the convolution series
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("channels", "kernel", "size"), [(6, 3, (2, 2)), (4, 3, (1, 2)), (8, 1, (1, 1))])
+@pytest.mark.parametrize("training", [True, False])
+def test_soc_dense_path_matches_the_conv_series(channels, kernel, size, training):
+    from lipmargin.onelip import conv_matrix
+
+    torch.manual_seed(0)
+    dense = SOCConv2d(channels, channels, kernel, init_iters=5).double().train(training)
+    conv = copy.deepcopy(dense)
+    conv.dense_pixels = 0  # force the convolution series
+    assert dense.dense_pixels >= size[0] * size[1]
+    x = torch.randn(3, channels, *size, dtype=torch.float64)
+    y_dense, y_conv = dense(x), conv(x)
+    torch.testing.assert_close(y_dense, y_conv, rtol=1e-12, atol=1e-12)
+    y_dense.square().sum().backward()
+    y_conv.square().sum().backward()
+    torch.testing.assert_close(dense.weight.grad, conv.weight.grad, rtol=1e-10, atol=1e-12)
+    # The matrix itself against conv2d applied to the identity basis (an independent construction).
+    k = torch.randn(channels, channels, kernel, kernel, dtype=torch.float64)
+    n = channels * size[0] * size[1]
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, channels, *size)
+    columns = F.conv2d(basis, k, padding=kernel // 2).reshape(n, n)  # row j = M e_j
+    torch.testing.assert_close(conv_matrix(k, size, kernel // 2), columns.t(), rtol=0, atol=1e-13)
