@@ -10,7 +10,7 @@
 # images; AUDIT_ARGS (a modest PGD / LOBO) the other audit options; PRECISION (fp32);
 # FMNIST_ROOT (default: the loader's search path, e.g. /usr/share/datasets/fashion-mnist);
 # LIPMARGIN (default: lipmargin) the command.  The XL models and the SOC LipConvNets run at a reduced
-# `model.width` (WIDTHS below) so that one epoch and the float64 audit fit a shared 2-core machine.
+# `model.width` (the table below; WIDTHS="model=width ..." overrides it) so that one epoch and the float64 audit fit a shared 2-core machine.
 # Each model writes OUT/MODEL/ (the run), OUT/MODEL.train.log, OUT/MODEL.audit.json and a line of
 # OUT/results.tsv: model, width, parameters, seconds (train / audit), clean, CRA@36/255, K, violations.
 set -euo pipefail
@@ -22,6 +22,7 @@ audit_n=${AUDIT_N:-100}
 read -r -a audit_args <<< "${AUDIT_ARGS:---pgd-steps 20 --pgd-restarts 1 --lobo-pairs 50 --lobo-steps 50}"
 precision=${PRECISION:-fp32}
 declare -A widths=([cpl-xl]=16 [sll-xl]=16 [lipconvnet-5]=16 [lipconvnet-10]=16 [lipconvnet-20]=8)
+for item in ${WIDTHS:-}; do widths[${item%%=*}]=${item#*=}; done  # WIDTHS="lipconvnet-20=8 cpl-xl=32"
 mkdir -p "$out"
 [ -f "$out/results.tsv" ] || printf 'model\twidth\tparameters\ttrain_s\taudit_s\tclean\tcra_36\tK_sound\tviolations\taudited\n' > "$out/results.tsv"
 models=${MODELS:-$("${lm[@]}" models | awk '{print $1}')}
