@@ -114,7 +114,9 @@ def train_progress(progress: Progress) -> Callable[[Event], None]:
             state.update(epochs=int(event["epochs"]), steps=int(event.get("steps") or 0),
                          samples=int(event.get("samples") or 0), first=int(event.get("start_epoch", 0)) + 1)
             rate.reset()
-            progress.status(f"training {state['epochs']} epochs on {event.get('device', '?')}", force=True)
+            layout = ", channels-last" if event.get("channels_last") else ""
+            precision = f" in {event['precision']}{layout}" if "precision" in event else ""
+            progress.status(f"training {state['epochs']} epochs on {event.get('device', '?')}{precision}", force=True)
         elif kind == "batch":
             epoch, step = int(event["epoch"]), int(event["step"])
             state["epoch"] = epoch

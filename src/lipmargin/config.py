@@ -51,6 +51,9 @@ class DataConfig:
     root: str | None = None
     val_fraction: float = 0.0  # held out of the training set; evaluation then uses it, not the test set
     augment: bool = True  # the dataset's default augmentation (METHOD.md section 6)
+    # Class-stratified subsets drawn from train.seed (data.stratified_subset); None: every sample.
+    train_size: int | None = None  # of the training set (after the validation split, if any)
+    test_size: int | None = None  # of the evaluation set (the test set, or the validation part)
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,10 @@ class TrainConfig:
     seed: int = 0
     power_iters: int = 5  # power-iteration steps per training step
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    precision: str = "fp32"  # fp32 | bf16 (autocast forward/backward; bounds stay fp32) | fp64 (all float64)
-    channels_last: bool = False
+    # fp32 | bf16 (autocast forward/backward, CPU or CUDA; power iterations and bounds stay fp32)
+    # | fp64 (all float64) | auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32)
+    precision: str = "fp32"
+    channels_last: bool | None = None  # None: the faster layout for the device and precision
     compile: str = "none"  # none | default | reduce-overhead | max-autotune (torch.compile of the train step)
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
@@ -278,6 +283,9 @@ def validate(cfg: RunConfig) -> None:
 
     _require(cfg.data.name in list_datasets(), f"data.name: unknown dataset {cfg.data.name!r}; choose one of {', '.join(list_datasets())}")
     _require(0.0 <= cfg.data.val_fraction < 1.0, f"data.val_fraction must be in [0, 1); got {cfg.data.val_fraction}")
+    for key in ("train_size", "test_size"):
+        size = getattr(cfg.data, key)
+        _require(size is None or size >= 1, f"data.{key} must be a number of samples >= 1 (or null for all); got {size}")
     _require(cfg.model.name in list_models(), f"model.name: unknown model {cfg.model.name!r}; choose one of {', '.join(list_models())}")
     _require(cfg.model.width is None or cfg.model.width >= 1, f"model.width must be >= 1; got {cfg.model.width}")
     losses = list_train_losses()
@@ -301,7 +309,7 @@ def validate(cfg: RunConfig) -> None:
         dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
         f"train.device must be auto, cpu, cuda or cuda:N; got {dev!r}",
     )
-    _require(cfg.train.precision in ("fp32", "bf16", "fp64"), f"train.precision must be fp32, bf16 or fp64; got {cfg.train.precision!r}")
+    _require(cfg.train.precision in ("fp32", "bf16", "fp64", "auto"), f"train.precision must be fp32, bf16, fp64 or auto; got {cfg.train.precision!r}")
     _require(cfg.train.compile in ("none", "default", "reduce-overhead", "max-autotune"),
              f"train.compile must be none, default, reduce-overhead or max-autotune; got {cfg.train.compile!r}")
     _require(len(cfg.eval.eps) >= 1, "eval.eps must list at least one radius")

@@ -57,6 +57,7 @@ __all__ = [
     "random_rotation",
     "register_dataset",
     "rotate",
+    "stratified_subset",
     "to_float",
     "train_val_split",
 ]
@@ -226,6 +227,38 @@ def train_val_split(
     val_idx, _ = perm[:n_val].sort()
     train_idx, _ = perm[n_val:].sort()
     return ds.subset(train_idx), ds.subset(val_idx)
+
+
+def stratified_subset(ds: ArrayDataset, size: int, seed: int, *, stream: int = 0) -> ArrayDataset:
+    """``size`` samples of ``ds``, drawn per class and deterministic in ``(seed, stream)``.
+
+    Each class ``c`` with ``n_c`` of the ``N`` samples contributes ``floor(size n_c / N)`` samples;
+    the ``size - sum`` left over go one each to the classes with the largest fractional parts
+    (ties: the lower class index), so the class proportions match the full set to within one
+    sample.  Within a class the samples come from a permutation drawn from ``(seed, stream, c)``.
+    The result keeps the original sample order.  ``size == len(ds)`` returns every sample.
+    """
+    n = len(ds)
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= n:
+        raise ValueError(f"a subset of {ds.name!r} must have 1..{n} samples, got {size!r}")
+    labels = ds.labels.cpu()
+    counts = torch.bincount(labels, minlength=ds.num_classes).tolist()  # (num_classes,)
+    exact = [size * c / n for c in counts]
+    quota = [int(math.floor(q)) for q in exact]
+    left = size - sum(quota)
+    order = sorted(range(len(counts)), key=lambda c: (-(exact[c] - quota[c]), c))
+    for c in order[:left]:
+        quota[c] += 1
+    picked: list[torch.Tensor] = []
+    for c, k in enumerate(quota):
+        if k == 0:
+            continue
+        members = (labels == c).nonzero().squeeze(1)  # (n_c,) in dataset order
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(_derive_seed(seed, stream, 0x5B5E7, c))
+        picked.append(members[torch.randperm(members.numel(), generator=gen)[:k]])
+    index, _ = torch.cat(picked).sort()
+    return ds.subset(index)
 
 
 def _derive_seed(*parts: int) -> int:

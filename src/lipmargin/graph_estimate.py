@@ -22,6 +22,7 @@ from lipmargin.lipschitz import (
     _normalize,
     converge_operator_norm,
     layer_rule,
+    no_autocast,
     operator_norm_bound,
     operator_norm_estimate,
     power_iteration,
@@ -145,6 +146,11 @@ class FeatureBound(nn.Module):
         return pairwise_estimate(self._plan, lip)
 
     def _estimate(self, n_iter: int) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        # Never under autocast: with train.precision=bf16 only the model's forward is bfloat16.
+        with no_autocast(self._reference_tensor()):
+            return self._estimate_fp(n_iter)
+
+    def _estimate_fp(self, n_iter: int) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
         self._check_structure()
         ref = self._reference_tensor()
         values: dict[str, Tensor] = {}

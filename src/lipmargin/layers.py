@@ -3,13 +3,78 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lipmargin.lipschitz import register_layer_rule
 
-__all__ = ["MaxMin", "GroupSort", "Normalize"]
+__all__ = ["MaxMin", "GroupSort", "Normalize", "max_min_pairs"]
+
+
+def _pair_views(t: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
+    """The two members of each channel pair as views: ``(i, i + C/2)``, or ``(2i, 2i + 1)``."""
+    if interleaved:
+        return t[:, 0::2], t[:, 1::2]
+    h = t.shape[1] // 2
+    return t[:, :h], t[:, h:]
+
+
+class _MaxMinPairs(torch.autograd.Function):
+    """Channel pairs ``(a, b) -> (max(a, b), min(a, b))`` in place of ``(a, b)``, two-mask backward.
+
+    The autograd graph of ``cat([maximum(a, b), minimum(a, b)])`` runs about ten element-wise
+    kernels backward (two masks per op, their sum, the cat and chunk copies); this one saves two
+    bool masks, writes into views of one output (keeping the input's memory format, e.g.
+    channels-last) and runs three ``where``s.  Gradients equal torch's for ``maximum`` /
+    ``minimum``: at a tie each input gets half of each output's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, interleaved: bool) -> Tensor:  # type: ignore[override]
+        a, b = _pair_views(x, interleaved)
+        out = torch.empty_like(x)
+        hi, lo = _pair_views(out, interleaved)
+        torch.maximum(a, b, out=hi)
+        torch.minimum(a, b, out=lo)
+        ctx.save_for_backward(a > b, a == b)
+        ctx.interleaved = interleaved
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        gt, tie = ctx.saved_tensors
+        g_hi, g_lo = _pair_views(grad, ctx.interleaved)
+        half = g_hi * 0.5 + g_lo * 0.5  # a tie: maximum's and minimum's backward give half each
+        if grad.requires_grad:  # create_graph (double backward): out= is not differentiable
+            g_a = torch.where(tie, half, torch.where(gt, g_hi, g_lo))
+            g_b = torch.where(tie, half, torch.where(gt, g_lo, g_hi))
+            if ctx.interleaved:
+                return torch.stack([g_a, g_b], 2).flatten(1, 2), None
+            return torch.cat([g_a, g_b], 1), None
+        g_x = torch.empty_like(grad)
+        g_a, g_b = _pair_views(g_x, ctx.interleaved)
+        torch.where(gt, g_hi, g_lo, out=g_a)
+        torch.where(gt, g_lo, g_hi, out=g_b)
+        torch.where(tie, half, g_a, out=g_a)
+        torch.where(tie, half, g_b, out=g_b)
+        return g_x, None
+
+
+def max_min_pairs(x: Tensor, *, interleaved: bool = False) -> Tensor:
+    """Sort channel pairs (dim 1) descending, in place of the pair; same shape and memory format.
+
+    Pairs are channels ``(i, i + C/2)`` (MaxMin), or ``(2i, 2i + 1)`` with ``interleaved``
+    (GroupSort with groups of two).  NaN propagates as in ``torch.maximum`` / ``torch.minimum``.
+    """
+    if x.dim() < 2 or x.shape[1] % 2:
+        raise ValueError(f"max_min_pairs needs an even number of channels in dim 1, got shape {tuple(x.shape)}")
+    if torch._C._are_functorch_transforms_active():  # vmap / grad (batched sweeps): the plain ops
+        a, b = _pair_views(x, interleaved)
+        hi, lo = torch.maximum(a, b), torch.minimum(a, b)
+        return torch.stack([hi, lo], 2).flatten(1, 2) if interleaved else torch.cat([hi, lo], 1)
+    return _MaxMinPairs.apply(x, interleaved)
 
 
 class GroupSort(nn.Module):
@@ -31,6 +96,8 @@ class GroupSort(nn.Module):
             raise ValueError(f"GroupSort: {c} channels are not divisible by group_size {self.group_size}")
         shape = x.shape
         grouped = x.reshape(shape[0], c // self.group_size, self.group_size, *shape[2:])  # (B, G, g, ...)
+        if self.group_size == 2:
+            return max_min_pairs(x, interleaved=True)  # a sort of two is a max and a min
         return grouped.sort(dim=2, descending=True).values.reshape(shape)
 
     def extra_repr(self) -> str:
@@ -49,8 +116,7 @@ class MaxMin(nn.Module):
         c = x.shape[1]
         if c % 2:
             raise ValueError(f"MaxMin needs an even number of channels, got {c}")
-        a, b = x[:, : c // 2], x[:, c // 2 :]
-        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+        return max_min_pairs(x)
 
 
 class Normalize(nn.Module):

@@ -11,6 +11,7 @@ Lipschitz constant of the logit difference ``f_i - f_j``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ __all__ = [
     "pairwise_head_norms_bound",
     "operator_norm_bound",
     "ROUNDING_MARGIN",
+    "no_autocast",
 ]
 
 #: Relative inflation applied to float64 results that are called bounds.  float64 SVD / FFT / norm
@@ -209,6 +211,17 @@ def conv2d_operator(
         return F.conv_transpose2d(y, weight, None, s, p, op, groups, d)
 
     return forward, adjoint
+
+
+def no_autocast(t: Tensor) -> contextlib.AbstractContextManager:
+    """A context that leaves autocast on ``t``'s device (a no-op on devices without autocast).
+
+    Power iterations, weight parametrisations and bounds run in the parameters' own precision even
+    when the surrounding forward runs under ``torch.autocast`` (``train.precision=bf16``).
+    """
+    if t.device.type in ("cpu", "cuda"):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------

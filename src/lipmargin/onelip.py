@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lipmargin.bounds import conv2d_norm_bound, linear_norm_bound
-from lipmargin.lipschitz import ROUNDING_MARGIN, register_layer_rule
+from lipmargin.lipschitz import ROUNDING_MARGIN, no_autocast, register_layer_rule
 
 __all__ = [
     "aol_linear_scale",
@@ -49,6 +49,7 @@ __all__ = [
     "sll_conv_scale",
     "cpl_step_size",
     "skew_kernel",
+    "conv_matrix",
     "exp_series_tail_bound",
     "soc_bound_from_norm",
     "AOLLinear",
@@ -191,6 +192,28 @@ def exp_series_tail_bound(a: float, terms: int) -> float:
     return first / (1.0 - ratio) * (1.0 + 1e-12)
 
 
+def conv_matrix(kernel: Tensor, size: tuple[int, int], padding: int) -> Tensor:
+    """The stride-1 zero-padded ``conv2d`` with ``kernel`` on ``(C_in, H, W)`` inputs as a matrix.
+
+    Shape ``(C_out*H_out*W_out, C_in*H*W)``, rows and columns in ``reshape`` order, so that
+    ``conv2d(x, kernel, padding=padding).flatten(1) == x.flatten(1) @ M.T``.  Entry
+    ``[(o, p), (i, q)]`` is ``kernel[o, i, q - p + padding]`` where that tap exists, else 0.
+    Differentiable in ``kernel``; meant for small images (its size is ``(C H W)^2``).
+    """
+    co, ci, kh, kw = kernel.shape
+    h, w = size
+    ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    dev = kernel.device
+    th = torch.arange(h, device=dev)[None, :] - torch.arange(ho, device=dev)[:, None] + padding  # (Ho, H)
+    tw = torch.arange(w, device=dev)[None, :] - torch.arange(wo, device=dev)[:, None] + padding  # (Wo, W)
+    ok_h, ok_w = (th >= 0) & (th < kh), (tw >= 0) & (tw < kw)
+    ih = th.clamp(0, kh - 1)[:, None, :, None].expand(ho, wo, h, w)  # (Ho, Wo, H, W)
+    iw = tw.clamp(0, kw - 1)[None, :, None, :].expand(ho, wo, h, w)
+    valid = (ok_h[:, None, :, None] & ok_w[None, :, None, :]).to(kernel.dtype)  # (Ho, Wo, H, W)
+    taps = kernel[:, :, ih, iw] * valid  # (Co, Ci, Ho, Wo, H, W)
+    return taps.permute(0, 2, 3, 1, 4, 5).reshape(co * ho * wo, ci * h * w)
+
+
 def _renormalize(new: Tensor, old: Tensor) -> Tensor:
     """``new / ||new||``, or ``old`` when ``new`` is zero (a dead layer); no host-device sync."""
     norm = new.norm()
@@ -252,7 +275,9 @@ class AOLLinear(nn.Module):
         return w * aol_linear_scale(w)[None, :]
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.effective_weight(), self.bias)
+        with no_autocast(self.weight):
+            w = self.effective_weight()
+        return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -289,7 +314,9 @@ class AOLConv2d(nn.Module):
         return w * aol_conv_scale(w).view(1, -1, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.effective_weight(), self.bias, padding=self.padding)
+        with no_autocast(self.weight):
+            w = self.effective_weight()
+        return F.conv2d(x, w, self.bias, padding=self.padding)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
@@ -391,9 +418,10 @@ class _ConvexPotential(nn.Module):
         return cpl_step_size(sigma, self.safety)
 
     def _forward_step(self) -> Tensor:
-        if self.training and self.power_iters > 0:
-            self._advance(self.power_iters)
-        return self.step_size()
+        with no_autocast(self.weight):
+            if self.training and self.power_iters > 0:
+                self._advance(self.power_iters)
+            return self.step_size()
 
 
 class CPLLinear(_ConvexPotential):
@@ -551,7 +579,9 @@ class SLLLinear(nn.Module):
         return sll_linear_scale(w, q)
 
     def forward(self, x: Tensor) -> Tensor:
-        z = F.relu(F.linear(x, self.weight, self.bias)) * self.inverse_t()
+        with no_autocast(self.weight):
+            inv_t = self.inverse_t()
+        z = F.relu(F.linear(x, self.weight, self.bias)) * inv_t
         return x - 2.0 * (z @ self.weight)
 
     def extra_repr(self) -> str:
@@ -587,8 +617,10 @@ class SLLConv2d(nn.Module):
         return sll_conv_scale(w, q)
 
     def forward(self, x: Tensor) -> Tensor:
+        with no_autocast(self.weight):
+            inv_t = self.inverse_t()
         z = F.relu(F.conv2d(x, self.weight, self.bias, padding=self.padding))
-        z = z * self.inverse_t().view(1, -1, 1, 1)
+        z = z * inv_t.view(1, -1, 1, 1)
         return x - 2.0 * F.conv_transpose2d(z, self.weight, padding=self.padding)
 
     def extra_repr(self) -> str:
@@ -684,6 +716,8 @@ class SOCConv2d(nn.Module):
             raise ValueError(f"SOCConv2d: correction and eval_max_norm must be > 0, got {correction}, {eval_max_norm}")
         self.eval_max_norm = float(eval_max_norm)
         self.power_iters = int(power_iters)
+        #: Inputs of at most this many pixels apply A as a dense matrix (:func:`conv_matrix`).
+        self.dense_pixels = 4
         self.channels = max(self.in_channels, self.out_channels)
         c, k = self.channels, self.kernel_size
         self.weight = nn.Parameter(torch.randn(c, c, k, k) / math.sqrt(c))
@@ -743,17 +777,31 @@ class SOCConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] != self.in_channels:
             raise ValueError(f"SOCConv2d expects {self.in_channels} input channels, got shape {tuple(x.shape)}")
-        if self.training and self.power_iters > 0:
-            self._advance(self.power_iters)
         size = None if self.training else (int(x.shape[-2]), int(x.shape[-1]))
-        kernel = self.skew_operator_kernel(size=size)
+        with no_autocast(self.weight):
+            if self.training and self.power_iters > 0:
+                self._advance(self.power_iters)
+            kernel = self.skew_operator_kernel(size=size)
         if self.channels > self.in_channels:
             x = F.pad(x, (0, 0, 0, 0, 0, self.channels - self.in_channels))
         terms = self.train_terms if self.training else self.eval_terms
-        out, term = x, x
-        for i in range(1, terms + 1):
-            term = F.conv2d(term, kernel, padding=self.padding) / i
-            out = out + term
+        h, w = x.shape[-2:]
+        if h * w <= self.dense_pixels:
+            # Few pixels (the last stages of a LipConvNet): the convolution as one dense
+            # (C*H*W)^2 matrix.  The same linear map; a matmul does fewer operations than a conv
+            # that mostly multiplies zero padding, and its backward is far faster on a CPU.
+            mat = conv_matrix(kernel, (h, w), self.padding)  # (C*H*W, C*H*W)
+            flat = x.reshape(x.shape[0], -1)  # (B, C*H*W)
+            out_flat, term = flat, flat
+            for i in range(1, terms + 1):
+                term = (term @ mat.t()) / i
+                out_flat = out_flat + term
+            out = out_flat.reshape(x.shape)
+        else:
+            out, term = x, x
+            for i in range(1, terms + 1):
+                term = F.conv2d(term, kernel, padding=self.padding) / i
+                out = out + term
         out = out[:, : self.out_channels]
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)

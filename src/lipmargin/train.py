@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from lipmargin.checkpoint import (
     torch_rng_state,
 )
 from lipmargin.config import LossConfig, RunConfig, config_from_dict, config_to_dict
-from lipmargin.data import ArrayDataset, DeviceLoader, load_dataset, train_val_split
+from lipmargin.data import ArrayDataset, DeviceLoader, load_dataset, stratified_subset, train_val_split
 from lipmargin.lipschitz import pairwise_head_norms
 from lipmargin.losses import (
     cert_reg_loss,
@@ -59,6 +59,10 @@ __all__ = [
     "TrainingError",
     "RunData",
     "resolve_device",
+    "resolve_precision",
+    "resolve_channels_last",
+    "resolve_hardware",
+    "cpu_flags",
     "load_run_data",
     "build_model",
     "train_one_epoch",
@@ -174,6 +178,68 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+#: CPU flags (``/proc/cpuinfo``) with which oneDNN runs bfloat16 convolutions and matmuls natively
+#: (AMX tiles on Sapphire Rapids and later; AVX512-BF16 on Cooper Lake / Zen 4).  Without them
+#: PyTorch's CPU bfloat16 convolution falls back to a slow reference kernel (measured 10-30x
+#: slower than float32 on an AVX2-only EPYC), so ``auto`` keeps float32 there.
+FAST_BF16_CPU_FLAGS: frozenset[str] = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU feature flags of the first processor listed in ``cpuinfo`` (empty if unreadable)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:  # not Linux, or no procfs
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / ARM spelling
+            return frozenset(value.split())
+    return frozenset()
+
+
+def resolve_precision(
+    precision: str, device: torch.device, *, flags: frozenset[str] | None = None, cuda_bf16: bool | None = None
+) -> str:
+    """``train.precision`` with ``auto`` replaced by what runs fastest on ``device``.
+
+    ``auto`` is ``bf16`` on a CUDA device that supports bfloat16 and on a CPU with one of
+    :data:`FAST_BF16_CPU_FLAGS`, ``fp32`` elsewhere.  ``flags`` / ``cuda_bf16`` replace the
+    machine's own answers (for tests); other values are returned unchanged.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16
+        return "bf16" if supported else "fp32"
+    if device.type == "cpu":
+        return "bf16" if FAST_BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags) else "fp32"
+    return "fp32"
+
+
+def resolve_channels_last(channels_last: bool | None, device: torch.device, precision: str) -> bool:
+    """``train.channels_last`` with ``None`` (auto) replaced by the layout measured faster.
+
+    The rule (benchmarks/cpu_precision.py, docs/results.md): channels-last on CUDA with bf16
+    (tensor-core convolutions want NHWC) and on a CPU in bf16 (oneDNN's AMX kernels are NHWC);
+    contiguous NCHW otherwise, which was faster for float32 on the CPU.
+    """
+    if channels_last is not None:
+        return channels_last
+    return precision == "bf16" and device.type in ("cuda", "cpu")
+
+
+def resolve_hardware(cfg: RunConfig, device: torch.device) -> RunConfig:
+    """``cfg`` with ``train.precision`` and ``train.channels_last`` resolved for ``device``.
+
+    The resolved values go into the run's ``config.yaml`` and summary, so a run folder always says
+    which precision and layout it trained with (a resumed run keeps them).
+    """
+    precision = resolve_precision(cfg.train.precision, device)
+    layout = resolve_channels_last(cfg.train.channels_last, device, precision)
+    return replace(cfg, train=replace(cfg.train, precision=precision, channels_last=layout))
+
+
 @dataclass(frozen=True)
 class RunData:
     train: ArrayDataset
@@ -182,11 +248,28 @@ class RunData:
 
 
 def load_run_data(cfg: RunConfig) -> RunData:
+    """The run's training and evaluation sets, with ``data.train_size`` / ``data.test_size`` applied.
+
+    The subsets are class-stratified and drawn from ``train.seed`` (streams 0 and 1), after the
+    validation split; a size above what the set holds is a one-line :class:`TrainingError`.
+    """
     train = load_dataset(cfg.data.name, cfg.data.root, "train")
     if cfg.data.val_fraction > 0:
-        train, val = train_val_split(train, cfg.data.val_fraction, seed=0)
-        return RunData(train, val, "val")
-    return RunData(train, load_dataset(cfg.data.name, cfg.data.root, "test"), "test")
+        train, ev = train_val_split(train, cfg.data.val_fraction, seed=0)
+        split = "val"
+    else:
+        ev, split = load_dataset(cfg.data.name, cfg.data.root, "test"), "test"
+    train = _sized(train, cfg.data.train_size, "data.train_size", "training", cfg.train.seed, 0)
+    ev = _sized(ev, cfg.data.test_size, "data.test_size", f"{split} evaluation", cfg.train.seed, 1)
+    return RunData(train, ev, split)
+
+
+def _sized(ds: ArrayDataset, size: int | None, key: str, what: str, seed: int, stream: int) -> ArrayDataset:
+    if size is None:
+        return ds
+    if size > len(ds):
+        raise TrainingError(f"{key}={size} is more than the {len(ds)} samples of the {what} set of {ds.name}")
+    return stratified_subset(ds, size, seed, stream=stream)
 
 
 def build_model(cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int) -> LipschitzNet:
@@ -546,6 +629,7 @@ def fit(
     if dist.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    cfg = resolve_hardware(cfg, device)
     with _process_group(dist, device):
         return _fit(cfg, out, device, dist, checkpoint, start_epoch, emit, replace)
 
@@ -630,7 +714,8 @@ def _fit(
         rank=dist.rank, world_size=dist.world_size,
     )
     emit({"event": "start", "epochs": cfg.train.epochs, "start_epoch": start_epoch, "device": str(device),
-          "steps": len(loader), "samples": len(data.train)})
+          "steps": len(loader), "samples": len(data.train),
+          "precision": cfg.train.precision, "channels_last": cfg.train.channels_last})
     last_eval: CertifyResult | None = None
     board = _TensorBoard(out / "tensorboard") if main else None
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
@@ -746,6 +831,9 @@ def run_summary(
         "loss": cfg.loss.name,
         "dataset": cfg.data.name,
         "seed": cfg.train.seed,
+        "precision": cfg.train.precision,
+        "channels_last": cfg.train.channels_last,
+        "device": next(model.parameters()).device.type,
     }
 
 
