@@ -91,7 +91,7 @@ class ScaledLinear(nn.Linear):
 def test_subclass_with_its_own_forward_never_inherits_the_parent_rule() -> None:
     model = nn.Sequential(nn.Linear(3, 3), Triple(), nn.Linear(3, 2))
     bound = assert_bound_holds(model, (3,))
-    assert bound.lipschitz >= 3 * float(torch.linalg.matrix_norm(model[2].weight.double() @ model[0].weight.double(), 2)) * (1 - 1e-9)
+    assert bound.lipschitz >= 3 * torch.linalg.matrix_norm(model[2].weight.double() @ model[0].weight.double(), 2).item() * (1 - 1e-9)
     # A Linear subclass is traced through its forward; F.linear has no rule: refused, named.
     with pytest.raises(TypeError, match="linear"):
         model_bound(nn.Sequential(ScaledLinear(3, 3), nn.Linear(3, 2)), input_shape=(3,))
@@ -445,3 +445,24 @@ def test_cli_certifies_a_user_model_from_a_file(tmp_path, monkeypatch, capsys) -
     assert "no function 'nope'" in capsys.readouterr().err
     assert main(["certify", "--model", f"{example}:make_model", "--weights", str(weights), "--data", "digits", "--input-shape", "1,9,9"]) == 2
     assert main(["certify"]) == 2
+
+
+def test_pairwise_head_norms_bound_with_subnormal_and_huge_rows() -> None:
+    from fractions import Fraction
+
+    from lipmargin.lipschitz import pairwise_head_norms_bound
+
+    for scale in (2.0**-1070, 2.0**-1000, 1.0, 2.0**1000):
+        w = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0], [3.0, 4.0, 0.0]], dtype=f64) * scale
+        d = pairwise_head_norms_bound(w)
+        for i in range(3):
+            for j in range(3):
+                exact_sq = sum((Fraction(float(w[i, k])) - Fraction(float(w[j, k]))) ** 2 for k in range(3))
+                assert Fraction(float(d[i, j])) ** 2 >= exact_sq, (scale, i, j)
+        assert float(d[0, 2]) == 0.0 and float(d[0, 1]) > 0  # equal rows exactly 0, different rows never 0
+    # a bound that underflows to 0 in the composition still certifies nothing false
+    lin = nn.Linear(2, 2, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[2.0**-1070, 0.0], [0.0, 0.0]], dtype=f64))
+    b = model_bound(nn.Sequential(lin, nn.Linear(2, 2).double()), input_shape=(2,))
+    assert float(b.pairwise[0, 1]) > 0

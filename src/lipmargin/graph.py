@@ -321,7 +321,9 @@ def check_input_shape(plan_shape: Sequence[int], x: Tensor) -> None:
 
 
 def _up(v: float) -> float:
-    return math.nextafter(v, math.inf) if v > 0 and math.isfinite(v) else v
+    """One float up: >= the exact result of the one rounded operation that gave ``v`` (a product
+    that underflowed to 0 becomes the smallest subnormal, never a false 0)."""
+    return math.nextafter(v, math.inf) if v >= 0 and math.isfinite(v) else v
 
 
 def constant_values(plan: GraphPlan, *, detach: bool) -> dict[str, Any]:
@@ -422,8 +424,9 @@ def pairwise_from_plan(plan: GraphPlan, lip: dict[str, float]) -> tuple[float, T
     if plan.head is not None:
         k = lip[plan.step(plan.output).inputs[0]]
         w = plan.root.get_submodule(plan.head).weight
-        pairwise = k * pairwise_head_norms_bound(w)
-        return k, torch.nextafter(pairwise, torch.full_like(pairwise, math.inf)).where(pairwise > 0, pairwise)
+        d = pairwise_head_norms_bound(w)
+        pairwise = torch.where(d > 0, torch.nextafter(k * d, torch.full_like(d, math.inf)), torch.zeros_like(d))
+        return k, pairwise
     total = lip[plan.output]
     c = plan.num_classes
     value = _up(SQRT2_UP * total)

@@ -11,6 +11,8 @@ Lipschitz constant of the logit difference ``f_i - f_j``.
 
 from __future__ import annotations
 
+import math
+
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -367,9 +369,28 @@ def pairwise_head_norms(weight: Tensor) -> Tensor:
 
 
 def pairwise_head_norms_bound(weight: Tensor) -> Tensor:
-    """Float64 ``||W_i - W_j||`` inflated by :data:`ROUNDING_MARGIN`: >= the exact value."""
-    d = pairwise_head_norms(weight.detach().to(torch.float64))
-    return d * (1.0 + ROUNDING_MARGIN)
+    """``(C, C)`` float64 values >= the exact ``||W_i - W_j||``, for any finite weights.
+
+    The weight is first scaled by an exact power of two so that its largest entry lies in
+    ``[1/2, 1)`` (subnormal weights become normal; nothing overflows).  The float64 differences,
+    squares, sum and root then carry a relative error far below :data:`ROUNDING_MARGIN`; squares
+    that underflow are covered by an absolute ``2**-500 sqrt(d)`` on every pair of rows that differ.
+    The result is scaled back exactly (or rounded up once if subnormal).  Equal rows give exactly 0.
+    """
+    from lipmargin.rounding import mul_pow2
+
+    w = weight.detach().to(torch.float64)
+    top = w.abs().max() if w.numel() else torch.zeros((), dtype=torch.float64)
+    if not torch.isfinite(top):
+        return torch.full((w.shape[0], w.shape[0]), math.inf, dtype=torch.float64).fill_diagonal_(0.0)
+    if top == 0:
+        return torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64)
+    _, e = torch.frexp(top)  # top = f 2**e, f in [1/2, 1)
+    scaled = mul_pow2(w, -e)  # exact
+    differ = (w.unsqueeze(1) != w.unsqueeze(0)).any(-1)  # (C, C)
+    d = pairwise_head_norms(scaled) * (1.0 + ROUNDING_MARGIN) + differ * (2.0**-500 * math.sqrt(w.shape[1]))
+    d = mul_pow2(torch.nextafter(d, torch.full_like(d, math.inf)), e)
+    return torch.where(differ, torch.nextafter(d, torch.full_like(d, math.inf)), torch.zeros_like(d))
 
 
 def _float64_operator(rule: LayerRule, m: nn.Module, shape: tuple[int, ...]) -> tuple[Operator, Operator]:
