@@ -106,7 +106,15 @@ def test_quiet_train_writes_nothing_to_stderr(tiny_run_args: list[str], tmp_path
     assert captured.err == "" and captured.out == ""
 
 
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
 def test_certify_audit_export_progress(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tiny_run = _copy(tiny_run, tmp_path / "run")  # the audit writes audit.json: never into the shared fixture
     capsys.readouterr()
     assert main(["certify", str(tiny_run), "--progress-every", "0"]) == 0
     err = capsys.readouterr().err

@@ -650,9 +650,12 @@ def replaced_run_files(out: str | Path, cfg: RunConfig) -> list[str]:
 def same_run_config(run_dir: str | Path, cfg: RunConfig) -> bool:
     """Whether ``run_dir/config.yaml`` resolves to ``cfg`` (False when missing or unreadable)."""
     try:
-        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-        return config_to_dict(config_from_dict(saved)) == config_to_dict(cfg)
-    except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError):
+        saved = config_from_dict(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
+        # fit writes precision and layout resolved for the device ("auto" -> fp32, ...): compare
+        # both configs as fit would have resolved them.
+        device = resolve_device(cfg.train.device)
+        return config_to_dict(resolve_hardware(saved, device)) == config_to_dict(resolve_hardware(cfg, device))
+    except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError, TrainingError):
         return False
 
 
