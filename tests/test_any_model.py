@@ -466,3 +466,21 @@ def test_pairwise_head_norms_bound_with_subnormal_and_huge_rows() -> None:
         lin.weight.copy_(torch.tensor([[2.0**-1070, 0.0], [0.0, 0.0]], dtype=f64))
     b = model_bound(nn.Sequential(lin, nn.Linear(2, 2).double()), input_shape=(2,))
     assert float(b.pairwise[0, 1]) > 0
+
+
+class ClampByItself(nn.Module):
+    def forward(self, x):
+        return torch.clamp(x, min=3 * x)
+
+
+class HardCodedBatch(nn.Module):
+    def forward(self, x):
+        return x.reshape(2, -1)
+
+
+def test_operations_with_a_second_dependent_argument_or_a_fixed_batch_are_refused() -> None:
+    with pytest.raises(TypeError, match="first argument"):
+        model_bound(nn.Sequential(nn.Linear(3, 3), ClampByItself(), nn.Linear(3, 2)), input_shape=(3,))
+    model = nn.Sequential(nn.Linear(3, 3), HardCodedBatch(), nn.Linear(3, 2))  # passes the 2-sample probe
+    with pytest.raises(ValueError, match="batch"):
+        certify(model, [(torch.rand(4, 3), torch.zeros(4, dtype=torch.long))], [0.1], input_shape=(3,))

@@ -109,10 +109,9 @@ class FeatureBound(nn.Module):
 
     @property
     def is_chain(self) -> bool:
-        """Whether the traced module is a plain chain of leaves (no branches, sums or scalings)."""
-        return all(s.kind in ("input", "leaf") or (s.kind == "op" and s.comb[0] == "sum" and len(s.comb[1]) == 1
-                                                   and float(s.comb[1][0][1]) == 1.0) for s in self._plan.steps
-                   if s.kind != "const")
+        """Whether the traced module is a plain chain of layers: no tensor operation between them
+        (no sums, branches, scalings, slices), so running the leaves in order is the module."""
+        return all(s.kind in ("input", "leaf", "const") for s in self._plan.steps)
 
     def forward(self, n_iter: int = 0) -> tuple[Tensor, Tensor]:
         k, sigmas, vectors = self.advance(n_iter)

@@ -96,6 +96,13 @@ def forward_with_error(plan: GraphPlan, x: Tensor, leaf_bounds: dict[str, float]
             value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
         env[node.name] = value
         step = plan.step(node.name)
+        if step.kind in ("leaf", "op"):
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(v, Tensor) and (v.dim() == 0 or v.shape[0] != x.shape[0]):
+                    raise ValueError(
+                        f"node {node.name!r} gives shape {tuple(v.shape)} for a batch of {x.shape[0]}: the model "
+                        "does not keep the batch dimension (a hard-coded batch size?); it cannot be certified"
+                    )
         if step.kind == "leaf":
             m = plan.module(step)
             rule = layer_rule(m)

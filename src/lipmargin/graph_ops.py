@@ -151,6 +151,9 @@ def _maximum(node: fx.Node, dependent: set, values: dict) -> tuple[tuple[Any, ..
 
 def _activation(lipschitz: Callable[[fx.Node], float], rounding: tuple[Any, ...]) -> OpRule:
     def rule(node: fx.Node, dependent: set, values: dict) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        others = list(node.args[1:]) + list(node.kwargs.values())
+        if any(_dep(a, dependent) for a in others):  # e.g. clamp(x, min=f(x)) is max(x, f(x))
+            raise TypeError("only the first argument may depend on the input")
         if node.kwargs.get("inplace") or (len(node.args) > 2 and node.args[-1] is True and node.target in (F.relu, F.leaky_relu, F.elu)):
             raise TypeError("in-place activations are not supported in a traced graph")
         return ("sum", ((node.args[0].name, lipschitz(node)),)), rounding
