@@ -22,7 +22,7 @@ from torch import Tensor
 
 from torch import nn
 
-from lipmargin.graph import GraphPlan, check_input_shape, compose_sound, pairwise_from_plan, trace_model
+from lipmargin.graph import GraphPlan, check_input_shape, check_training_mode, compose_sound, pairwise_from_plan, trace_model
 from lipmargin.graph_eval import forward_with_error
 from lipmargin.lipschitz import _float64_operator, converge_operator_norm, layer_rule, operator_norm_bound
 from lipmargin.models import LipschitzNet
@@ -139,8 +139,14 @@ def _resolve_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:
-    """A float64 copy (exact: float32 -> float64 is exact); the caller's model is not touched."""
-    return copy.deepcopy(model).to(torch.float64)
+    """A float64 copy in eval mode (float32 -> float64 is exact); the caller's model is not touched.
+
+    Layers whose training-mode output depends on the batch or on chance (BatchNorm, Dropout) are
+    refused in training mode rather than silently switched; every other layer is certified as it
+    computes in eval mode (e.g. a 1-Lipschitz layer's cached parametrisation), as deployed.
+    """
+    check_training_mode(model)
+    return copy.deepcopy(model).to(torch.float64).eval()
 
 
 def _bound_of_plan(plan: GraphPlan, model: nn.Module, method: str) -> ModelBound:

@@ -294,6 +294,16 @@ def _probe(gm: fx.GraphModule, model: nn.Module, shape: tuple[int, ...], for_cer
     return values
 
 
+def check_training_mode(model: nn.Module) -> None:
+    """``TypeError`` naming the first BatchNorm / Dropout of ``model`` that is in training mode."""
+    for name, m in model.named_modules():
+        if m.training and _refuses_training(m):
+            raise TypeError(
+                f"module {name} ({type(m).__name__}) is in training mode, where its output depends on "
+                "the batch or on chance; call model.eval() before bounding or certifying"
+            )
+
+
 def _refuses_training(m: nn.Module) -> bool:
     from lipmargin.torch_layers import TRAINING_MODE_REFUSED
 
