@@ -143,3 +143,11 @@ def test_other_runtime_errors_are_not_disguised(tiny_run_args: list[str], tmp_pa
     monkeypatch.setattr("lipmargin.train.fit", _raise(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         main(["train", *tiny_run_args, "--out", str(tmp_path / "r")])
+
+
+def test_eps_with_a_zero_denominator_is_one_line_exit_2(capsys) -> None:
+    from lipmargin.cli import main
+
+    assert main(["certify", "some-run", "--eps", "36/0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "36/0" in err

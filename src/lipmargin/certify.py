@@ -12,7 +12,6 @@ of the float64 forward pass (:mod:`lipmargin.graph_eval`).
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any

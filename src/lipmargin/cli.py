@@ -173,6 +173,8 @@ def _parse_eps_list(text: str) -> list[tuple[str, float]]:
 def _eval_radius(text: str) -> float:
     if "/" in text:
         num, den = text.split("/", 1)
+        if float(den) == 0:
+            raise ValueError(f"{text}: division by zero")
         return float(num) / float(den)
     return float(text)
 

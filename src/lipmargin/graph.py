@@ -27,29 +27,23 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from lipmargin import torch_layers  # noqa: F401  (fills the rules of torch's layers)
 from lipmargin.graph_ops import OP_RULES, OpRule, supported_operations
 from lipmargin.lipschitz import (
-    LayerRule,
-    converge_operator_norm,
     find_layer_rule,
     layer_rule,
-    operator_norm_estimate,
     pairwise_head_norms,
     pairwise_head_norms_bound,
-    power_iteration,
     supported_layers,
 )
-from lipmargin.rounding import SQRT2_UP, elementwise_error_bound, propagate_error
+from lipmargin.rounding import SQRT2_UP
 
 __all__ = ["GraphPlan", "Step", "trace_model", "compose_sound", "compose_estimate", "check_input_shape", "ModelStructureError"]
 
@@ -183,8 +177,6 @@ def trace_model(model: nn.Module, input_shape: Sequence[int], *, for_certificate
         model = nn.Sequential(model)  # a single layer: trace it as a leaf, not through its forward
     try:
         graph = _Tracer().trace(model)
-    except TypeError:
-        raise
     except Exception as e:  # noqa: BLE001  (fx reports data-dependent control flow in many ways)
         raise TypeError(f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}".splitlines()[0]) from e
     gm = fx.GraphModule(model, graph)
