@@ -63,6 +63,7 @@ class ModelBound:
     input_shape: tuple[int, ...] = ()
     fingerprint: str = ""
     layers: tuple[str, ...] = ()  # "path (Type)" of each per_layer entry
+    leaves: tuple[float, ...] = ()  # every traced leaf's value in graph order (the head included)
 
 
 BoundFn = Callable[[GraphPlan, nn.Module], dict[str, float]]
@@ -160,6 +161,7 @@ def _bound_of_plan(plan: GraphPlan, model: nn.Module, method: str) -> ModelBound
         feature=feature,
         per_layer=tuple(float(leaves[s.name]) for s in plan.leaves if s.name != head),
         layers=tuple(f"{s.module} ({type(plan.module(s)).__name__})" for s in plan.leaves if s.name != head),
+        leaves=tuple(float(leaves[s.name]) for s in plan.leaves),
         pairwise=pairwise,
         lipschitz=float(pairwise.max()) if pairwise.numel() else 0.0,
         input_shape=plan.input_shape,
@@ -265,8 +267,13 @@ def certify(
         bound = _bound_of_plan(plan, m64, method)
     elif bound.fingerprint != plan.fingerprint():
         raise ValueError("the bound was computed for other weights or another graph than the model's; recompute it with model_bound(model)")
-    leaf_bounds = _sound_leaves(plan, m64)  # the error allowance always uses sound constants
+    # The error allowance needs sound per-leaf constants: a sound bound of these weights has them.
+    if bound.sound and len(bound.leaves) == len(plan.leaves):
+        leaf_bounds = {s.name: v for s, v in zip(plan.leaves, bound.leaves)}
+    else:
+        leaf_bounds = _sound_leaves(plan, m64)
     radii, preds, targets = [], [], []
+    done = 0
     pairwise = bound.pairwise
     for x, y in batches:
         check_input_shape(shape, x)
@@ -276,8 +283,9 @@ def certify(
         radii.append(r.cpu())
         preds.append(c.cpu())
         targets.append(y.cpu())
+        done += int(y.numel())
         if on_event is not None:
-            on_event({"event": "certify", "samples": sum(len(t) for t in targets)})
+            on_event({"event": "certify", "samples": done})
     radius = torch.cat(radii) if radii else torch.zeros(0, dtype=torch.float64)
     prediction = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     target = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)

@@ -754,10 +754,10 @@ def _fit(
         if board is not None:
             board.log(record)
         if is_last or epoch % cfg.train.checkpoint_every == 0:
-            saved = save_run_checkpoint(
+            (saved,) = save_checkpoints([run_checkpoint(
                 out, cfg, epoch, model.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
                 torch_rng_state(), train_seconds, record, data.train,
-            )
+            )])
             final_ref = read_checkpoint_ref(saved)
         emit({"event": "epoch", **record})
 
@@ -774,24 +774,6 @@ def _fit(
     return summary
 
 
-def save_run_checkpoint(
-    out: Path,
-    cfg: RunConfig,
-    epoch: int,
-    model_state: dict[str, Tensor],
-    optimizer_state: dict[str, Any],
-    scheduler_state: dict[str, Any],
-    rng_state: dict[str, Tensor],
-    train_seconds: float,
-    record: dict[str, Any],
-    train_data: ArrayDataset,
-) -> Path:
-    """The checkpoint of a run folder after ``epoch`` (what ``--resume`` and ``load_run`` read);
-    returns the path of its ``.json`` record."""
-    return save_checkpoints([run_checkpoint(out, cfg, epoch, model_state, optimizer_state, scheduler_state, rng_state,
-                                            train_seconds, record, train_data)])[0]
-
-
 def run_checkpoint(
     out: Path,
     cfg: RunConfig,
@@ -804,7 +786,8 @@ def run_checkpoint(
     record: dict[str, Any],
     train_data: ArrayDataset,
 ) -> PendingCheckpoint:
-    """What :func:`save_run_checkpoint` writes, for ``save_checkpoints`` of several runs at once."""
+    """The checkpoint of a run folder after ``epoch`` (what ``--resume`` and ``load_run`` read), for
+    ``save_checkpoints`` (one run, or the members of a batched sweep at once)."""
     return PendingCheckpoint(
         out / "checkpoints",
         epoch,
