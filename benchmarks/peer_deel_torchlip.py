@@ -186,7 +186,7 @@ def to_lipschitz_net(exported: nn.Sequential, in_shape: tuple[int, int, int]) ->
                 raise TypeError(f"no Lipschitz rule for {m} (only L2 pooling over disjoint windows)")
             feats.append(DisjointL2Pool2d(tuple(k)))  # channel-wise: perm carries through
         elif isinstance(m, nn.PixelUnshuffle):
-            from lipmargin.onelip import InvertibleDownsample  # only for --deel-pool invertible
+            from lipmargin.nn.onelip import InvertibleDownsample  # only for --deel-pool invertible
 
             f = m.downscale_factor
             feats.append(InvertibleDownsample(f))
@@ -270,7 +270,7 @@ def report_checks(checks: dict[str, float]) -> None:
 
 def audit_row(model: LipschitzNet, bound: object, test_batches: list[tuple[Tensor, Tensor]], train: object, n: int) -> dict[str, object]:
     """`lipmargin audit` of the first ``n`` test images (PGD at every radius and at each own radius, LOBO)."""
-    from lipmargin.audit import audit_model
+    from lipmargin.certify.audit import audit_model
     from lipmargin.data import to_float
 
     x = torch.cat([b[0] for b in test_batches])[:n]

@@ -16,8 +16,8 @@ from torch import nn
 
 import lipmargin
 from lipmargin import certified_radius, certify, model_bound
-from lipmargin.graph import ModelStructureError
-from lipmargin.layers import MaxMin
+from lipmargin.lipschitz.graph import ModelStructureError
+from lipmargin.nn.activations import MaxMin
 from lipmargin.lipschitz import register_layer_rule
 
 f64 = torch.float64
@@ -239,7 +239,7 @@ def test_residual_net_with_leaky_relu_and_avg_pool(bn: bool) -> None:
             model.bn.running_var.uniform_(0.2, 2.0)
             model.bn.weight.uniform_(-2, 2)
     bound = assert_bound_holds(model, (1, 6, 6))
-    plan = lipmargin.graph.trace_model(model, (1, 6, 6))
+    plan = lipmargin.lipschitz.graph.trace_model(model, (1, 6, 6))
     assert plan.head == "head"  # pairwise from the head rows
 
 
@@ -282,7 +282,7 @@ def test_gelu_constant_bounds_the_true_slope() -> None:
     x = torch.linspace(-6, 6, 200001, dtype=f64, requires_grad=True)
     for approx in ("none", "tanh"):
         (g,) = torch.autograd.grad(F.gelu(x, approximate=approx).sum(), x)
-        assert float(g.abs().max()) <= lipmargin.graph_ops.GELU_LIPSCHITZ
+        assert float(g.abs().max()) <= lipmargin.lipschitz.graph_ops.GELU_LIPSCHITZ
 
 
 def test_concat_scale_and_maxmin_subclass() -> None:

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from lipmargin.attacks import (
+from lipmargin.certify.attacks import (
     radius_groups,
     LOSSES,
     LowerBoundResult,

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from lipmargin import batched
-from lipmargin.batched import group_key, plan_groups, train_group
+from lipmargin.train import batched
+from lipmargin.train.batched import group_key, plan_groups, train_group
 from lipmargin.checkpoint import latest_checkpoint, list_checkpoints
 from lipmargin.cli import main
 from lipmargin.config import config_from_dict, config_to_dict, load_config
@@ -202,7 +202,7 @@ def test_stacked_conv_operators_and_convergence_match_each_member() -> None:
     """Grouped-conv operators of stacked members against each member's own conv operator, and the
     batched end-of-epoch convergence against each member's ``bound.converge()``."""
     from lipmargin.models import create_model
-    from lipmargin.stacked import StackedForward, _stacked_operator, converge_members, stack_members
+    from lipmargin.train.stacked import StackedForward, _stacked_operator, converge_members, stack_members
 
     models = []
     for seed in range(3):
@@ -241,7 +241,7 @@ def test_every_batched_loss_equals_the_loss_on_each_member_model(name: str) -> N
     """The vmapped per-member loss (head weight slice + K) against the registered training loss
     called on each member's real model, for every loss ``group_key`` lets into a group."""
     from lipmargin.models import create_model
-    from lipmargin.stacked import loss_partitions, member_losses, stack_members
+    from lipmargin.train.stacked import loss_partitions, member_losses, stack_members
     from lipmargin.train import TRAIN_LOSSES
 
     cfgs = [load_config(None, preset="moons-slack", overrides=[f"loss.name={name}", f"loss.eps={eps}", "loss.p=0.1"])

@@ -1,4 +1,4 @@
-"""Tests for lipmargin.bounds: every bound must be >= the exact operator norm.
+"""Tests for lipmargin.lipschitz.bounds: every bound must be >= the exact operator norm.
 
 The reference ("truth") is the float64 SVD of the operator written out as a
 dense matrix.  A bound below it is the worst possible bug (false
@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lipmargin.bounds import (
+from lipmargin.lipschitz.bounds import (
     conv2d_norm_bound,
     dense_conv_matrix,
     linear_norm_bound,

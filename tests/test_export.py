@@ -23,7 +23,7 @@ from lipmargin.export import (
     check_against_certify,
     export_certified,
 )
-from lipmargin.layers import GroupSort, MaxMin, Normalize
+from lipmargin.nn.activations import GroupSort, MaxMin, Normalize
 from lipmargin.models import LipschitzNet
 from lipmargin.train import load_run
 

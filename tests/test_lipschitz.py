@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from lipmargin.layers import GroupSort, MaxMin, Normalize
-from lipmargin.graph_estimate import FeatureBound
+from lipmargin.nn.activations import GroupSort, MaxMin, Normalize
+from lipmargin.lipschitz.estimate import FeatureBound
 from lipmargin.lipschitz import (
     converge_operator_norm,
     conv2d_operator,

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from lipmargin.backbones import BACKBONES
-from lipmargin.bounds import dense_conv_matrix
+from lipmargin.models.backbones import BACKBONES
+from lipmargin.lipschitz.bounds import dense_conv_matrix
 from lipmargin.certify import model_bound
 from lipmargin.lipschitz import operator_norm_bound
 from lipmargin.models import LipschitzNet, create_model, list_models
-from lipmargin.onelip import (
+from lipmargin.nn.onelip import (
     AOLConv2d,
     AOLLinear,
     ChannelPad,
@@ -107,7 +107,7 @@ def _adam_steps(layer: nn.Module, shape: tuple[int, ...], steps: int = 5, lr: fl
     return layer.eval()
 
 
-# (name, factory, input shape): every layer of lipmargin.onelip on a tiny input.
+# (name, factory, input shape): every layer of lipmargin.nn.onelip on a tiny input.
 LAYER_CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("aol-linear", lambda: AOLLinear(6, 4), (6,)),
     ("aol-linear-wide", lambda: AOLLinear(3, 7), (3,)),
@@ -172,7 +172,7 @@ def test_bound_is_above_jacobian_and_pair_ratios(case: str, trained: bool) -> No
 
 
 def test_every_layer_class_is_covered() -> None:
-    import lipmargin.onelip as onelip
+    import lipmargin.nn.onelip as onelip
 
     classes = {getattr(onelip, n) for n in onelip.__all__ if isinstance(getattr(onelip, n), type)}
     covered = {type(_make(name)[0]) for name, _, _ in LAYER_CASES}
@@ -620,7 +620,7 @@ def test_lipconvnet_layout() -> None:
 
 def test_backbones_reject_bad_options() -> None:
     with pytest.raises(ValueError, match="multiple of 5"):
-        from lipmargin.backbones import lipconvnet
+        from lipmargin.models.backbones import lipconvnet
 
         lipconvnet((1, 32, 32), 10, depth=7)
     with pytest.raises(ValueError, match="divisible"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lipmargin.cli import main
-from lipmargin.cli_progress import Progress, format_duration, train_progress
+from lipmargin.cli.progress import Progress, format_duration, train_progress
 
 
 class FakeClock:

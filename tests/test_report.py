@@ -1,4 +1,4 @@
-"""Figures (lipmargin.plots) and Markdown reports (lipmargin.report)."""
+"""Figures (lipmargin.report.plots) and Markdown reports (lipmargin.report)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-from lipmargin import cli, plots, report  # noqa: E402
+from lipmargin import cli, report
+
+from lipmargin.report import plots  # noqa: E402
 from lipmargin.certify import certified_accuracy  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -67,7 +69,7 @@ def moons_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[float, Path]:
 
 
 def test_import_does_not_load_matplotlib() -> None:
-    code = "import sys, lipmargin.plots, lipmargin.report; assert 'matplotlib' not in sys.modules"
+    code = "import sys, lipmargin.report.plots, lipmargin.report; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

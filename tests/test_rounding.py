@@ -1,4 +1,4 @@
-"""Forward-error bounds (lipmargin.rounding) against exact rational arithmetic."""
+"""Forward-error bounds (lipmargin.lipschitz.rounding) against exact rational arithmetic."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lipmargin.rounding import (
+from lipmargin.lipschitz.rounding import (
     SQRT2_UP,
     affine_error_bound,
     elementwise_error_bound,

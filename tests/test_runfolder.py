@@ -12,7 +12,7 @@ import yaml
 
 from lipmargin.cli import main
 from lipmargin.config import config_to_dict, load_preset
-from lipmargin.runfolder import RunExistsError, move_aside, move_report_aside, report_files, run_files
+from lipmargin.train.runfolder import RunExistsError, move_aside, move_report_aside, report_files, run_files
 from lipmargin.sweep import run_sweep
 from lipmargin.train import fit, replaced_run_files
 

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from lipmargin.audit import audit_model
+from lipmargin.certify.audit import audit_model
 from lipmargin.certify import model_bound
 from lipmargin.config import ConfigError, config_to_dict, load_preset
 from lipmargin.data import load_dataset, to_float
-from lipmargin.runfolder import RunExistsError
+from lipmargin.train.runfolder import RunExistsError
 from lipmargin.sweep import mean_std, parse_grid, run_sweep
 from lipmargin.train import fit, load_run
 

@@ -40,12 +40,12 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "list_datasets",
         "load_dataset",
     ),
-    "layers": (
+    "nn.activations": (
         "GroupSort",
         "MaxMin",
         "Normalize",
     ),
-    "graph_estimate": (
+    "lipschitz.estimate": (
         "FeatureBound",
     ),
     "lipschitz": (
@@ -91,8 +91,8 @@ if TYPE_CHECKING:  # static type checkers see ordinary imports
     from lipmargin.checkpoint import CheckpointError, CheckpointRef  # noqa: F401
     from lipmargin.config import ConfigError, RunConfig, load_config  # noqa: F401
     from lipmargin.data import DatasetError, list_datasets, load_dataset  # noqa: F401
-    from lipmargin.layers import GroupSort, MaxMin, Normalize  # noqa: F401
-    from lipmargin.graph_estimate import FeatureBound  # noqa: F401
+    from lipmargin.nn.activations import GroupSort, MaxMin, Normalize  # noqa: F401
+    from lipmargin.lipschitz.estimate import FeatureBound  # noqa: F401
     from lipmargin.lipschitz import operator_norm_bound, pairwise_head_norms, register_layer_rule  # noqa: F401
     from lipmargin.losses import CertRegLoss, CLLoss, GloRoLoss, HKRLoss, LMTLoss, cert_reg_loss, hkr_loss, lmt_loss, cll_loss, cll_sigma, gloro_eps_schedule, gloro_loss, k_scale_schedule, lipschitz_penalty  # noqa: F401
     from lipmargin.models import LipschitzNet, create_model, list_models, register_model  # noqa: F401

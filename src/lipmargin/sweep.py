@@ -8,7 +8,7 @@ Layout of a sweep folder::
 
 Invoking the same sweep again skips finished runs, resumes interrupted ones from their newest
 intact checkpoint and starts the missing ones.  A folder (or a cell) holding runs of a different
-config is never overwritten: :class:`~lipmargin.runfolder.RunExistsError`, or with
+config is never overwritten: :class:`~lipmargin.train.runfolder.RunExistsError`, or with
 ``overwrite=True`` the old folder is renamed to ``*.old-<time>`` first.
 """
 
@@ -30,7 +30,7 @@ import yaml
 
 from lipmargin.checkpoint import atomic_write_text, latest_checkpoint
 from lipmargin.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict
-from lipmargin.runfolder import RunExistsError, move_aside, run_files
+from lipmargin.train.runfolder import RunExistsError, move_aside, run_files
 from lipmargin.train import eps_key, fit, same_run_config
 
 __all__ = ["parse_grid", "expand_grid", "cell_name", "run_sweep", "write_results", "audit_summary", "aggregate", "mean_std", "SweepError"]
@@ -105,7 +105,7 @@ def run_sweep(
     several visible GPUs they are spread over them).  ``on_event`` receives ``run`` events (one per
     run: done / start / resume / finished / failed), ``moved`` events (``overwrite``) and, with
     ``jobs=1``, the running run's :func:`~lipmargin.train.fit` events.  ``batched`` trains the runs
-    that share model, data and schedule as one stacked model (see :mod:`lipmargin.batched`), at most
+    that share model, data and schedule as one stacked model (see :mod:`lipmargin.train.batched`), at most
     ``group_size`` per group; the others train one by one.
     """
     if seeds < 1:
@@ -263,7 +263,7 @@ def _run_batched(
     todo: Sequence[tuple[dict[str, Any], RunConfig, Path, bool]], group_size: int | None, emit: Callable[[dict[str, Any]], None]
 ) -> None:
     """Train ``todo`` in batched groups; a group of one trains as a plain run."""
-    from lipmargin.batched import plan_groups, train_group
+    from lipmargin.train.batched import plan_groups, train_group
 
     groups = plan_groups([cfg for _, cfg, _, _ in todo], group_size)
     failures: list[str] = []

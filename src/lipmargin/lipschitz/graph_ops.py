@@ -2,7 +2,7 @@
 
 Each rule looks at one ``torch.fx`` node and returns ``(combinator, rounding)``:
 
-- the combinator (see :mod:`lipmargin.graph`) says how the node's Lipschitz constant follows from
+- the combinator (see :mod:`lipmargin.lipschitz.graph`) says how the node's Lipschitz constant follows from
   its input-dependent arguments: ``("sum", ((name, w), ...))``, ``("scale", name, operand,
   invert)``, ``("rss", (name, ...))``;
 - the rounding model says what error the operation itself adds when evaluated in floating point:

@@ -48,14 +48,14 @@ def _err(message: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Progress (stderr; lipmargin.cli_progress draws it)
+# Progress (stderr; lipmargin.cli.progress draws it)
 # --------------------------------------------------------------------------------------------
 
 
 def _progress(args: argparse.Namespace, enabled: bool = True) -> Any:
     """The progress display for a command: silent with --quiet, a line every --progress-every
     seconds when stderr is not a terminal."""
-    from lipmargin.cli_progress import Progress
+    from lipmargin.cli.progress import Progress
 
     return Progress(sys.stderr, enabled=enabled and not args.quiet, every=args.progress_every)
 
@@ -93,9 +93,9 @@ def _format_table(summary: dict[str, Any], run_dir: Path) -> str:
 
 @command("train", "train a model from a preset / YAML config", _train_args)
 def _train(args: argparse.Namespace) -> int:
-    from lipmargin.cli_progress import train_progress
+    from lipmargin.cli.progress import train_progress
     from lipmargin.config import DEFAULT_PRESET, load_config
-    from lipmargin.runfolder import RunExistsError
+    from lipmargin.train.runfolder import RunExistsError
     from lipmargin.train import fit
 
     if args.resume:
@@ -196,7 +196,7 @@ def _load_user_target(args: argparse.Namespace, split: str = "test") -> tuple[An
     """``(model, input_shape, eps_items, dataset, device)`` for ``--model``; ValueError on bad input."""
     from lipmargin.certify import BOUND_METHODS
     from lipmargin.train import resolve_device
-    from lipmargin.user_model import load_user_model, parse_input_shape
+    from lipmargin.cli.user_model import load_user_model, parse_input_shape
 
     if getattr(args, "run_dir", None):
         raise ValueError("give either a run folder or --model, not both")
@@ -290,7 +290,7 @@ def _load_certifiable(
 def _certify(args: argparse.Namespace) -> int:
     _require_target(args)  # before torch is imported
     from lipmargin.certify import certify, model_bound
-    from lipmargin.cli_progress import certify_progress
+    from lipmargin.cli.progress import certify_progress
     from lipmargin.train import eval_batches
 
     if args.model:
@@ -356,9 +356,9 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 @command("sweep", "train a grid of configs x seeds and tabulate mean / std", _sweep_args)
 def _sweep(args: argparse.Namespace) -> int:
-    from lipmargin.cli_progress import train_progress
+    from lipmargin.cli.progress import train_progress
     from lipmargin.config import config_to_dict, load_config
-    from lipmargin.runfolder import RunExistsError
+    from lipmargin.train.runfolder import RunExistsError
     from lipmargin.sweep import parse_grid, run_sweep
 
     cfg = load_config(args.config, preset=args.preset, overrides=args.overrides)
@@ -419,7 +419,7 @@ def _report(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_USAGE
     if args.out is not None:
-        from lipmargin.runfolder import move_report_aside, report_files
+        from lipmargin.train.runfolder import move_report_aside, report_files
 
         found = report_files(args.out)
         if found and not args.overwrite:
@@ -536,10 +536,10 @@ def _audit_one(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]
     """Audit one run folder and write its ``audit.json`` (or a ``--model``); returns the payload."""
     import torch
 
-    from lipmargin.audit import audit_model
+    from lipmargin.certify.audit import audit_model
     from lipmargin.checkpoint import atomic_write_text
     from lipmargin.certify import model_bound
-    from lipmargin.cli_progress import audit_progress
+    from lipmargin.cli.progress import audit_progress
     from lipmargin.data import input_box, to_float
 
     if run_dir is None:
@@ -614,7 +614,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 @command("export", "write a self-contained predictor returning (label, radius) with the sound bound baked in", _export_args)
 def _export(args: argparse.Namespace) -> int:
-    from lipmargin.cli_progress import export_progress
+    from lipmargin.cli.progress import export_progress
     from lipmargin.export import export_certified
 
     try:
@@ -718,7 +718,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from lipmargin.checkpoint import CheckpointError
     from lipmargin.config import ConfigError
     from lipmargin.data import DatasetError
-    from lipmargin.runfolder import RunExistsError
+    from lipmargin.train.runfolder import RunExistsError
     from lipmargin.sweep import SweepError
     from lipmargin.train import TrainingError
 

@@ -155,7 +155,7 @@ def _exact(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 def _normalize_rounding(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     # (x - mean) / std: two roundings, each relative to a value bounded by (|x| + |mean|) / std.
-    from lipmargin.rounding import round_up, unit_roundoff
+    from lipmargin.lipschitz.rounding import round_up, unit_roundoff
 
     u = unit_roundoff(y.dtype)
     shape = (1, -1) + (1,) * (x.dim() - 2)

@@ -4,7 +4,7 @@ The exported model maps a batch of inputs to ``(label (B,) int64, radius (B,) fl
 prediction and a certified L2 radius, ``min_{j != c} (f_c - f_j - k sqrt(2) err) / L[c, j]``
 with the run's *sound* pairwise Lipschitz matrix ``L`` baked in as a constant and ``err`` a proven
 bound of the floating-point error of the file's own forward pass, computed inside the graph
-(:mod:`lipmargin.allowance`; ``k`` = 3 in float64, 2 in float32, :data:`ALLOWANCE_MULTIPLE`);
+(:mod:`lipmargin.export.allowance`; ``k`` = 3 in float64, 2 in float32, :data:`ALLOWANCE_MULTIPLE`);
 every rounding of the radius formula is directed downwards, so the file's radius is never larger
 than the radius of the exact network nor than certify()'s.  It needs neither lipmargin nor the
 run folder.
@@ -66,7 +66,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lipmargin.allowance import (
+from lipmargin.export.allowance import (
     ExactStep,
     build_step,
     down_to,
@@ -78,9 +78,9 @@ from lipmargin.allowance import (
 from lipmargin.certify import ModelBound, certify, model_bound
 from lipmargin.checkpoint import CheckpointRef, fsync_directory
 from lipmargin.data import load_dataset, to_float
-from lipmargin.layers import GroupSort, MaxMin, Normalize
+from lipmargin.nn.activations import GroupSort, MaxMin, Normalize
 from lipmargin.lipschitz import flatten_layers, operator_norm_bound
-from lipmargin.rounding import SQRT2_UP, unit_roundoff
+from lipmargin.lipschitz.rounding import SQRT2_UP, unit_roundoff
 from lipmargin.models import LipschitzNet
 from lipmargin.train import open_run
 
@@ -118,7 +118,7 @@ class ExportError(ValueError):
 
 
 class _MaxMin(nn.Module):
-    """``[max(a, b), min(a, b)]`` of the two channel halves (as :class:`lipmargin.layers.MaxMin`)."""
+    """``[max(a, b), min(a, b)]`` of the two channel halves (as :class:`lipmargin.nn.activations.MaxMin`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         half = x.shape[1] // 2
@@ -127,7 +127,7 @@ class _MaxMin(nn.Module):
 
 
 class _GroupSort(nn.Module):
-    """Channels sorted descending within groups (as :class:`lipmargin.layers.GroupSort`)."""
+    """Channels sorted descending within groups (as :class:`lipmargin.nn.activations.GroupSort`)."""
 
     def __init__(self, group_size: int) -> None:
         super().__init__()
@@ -184,7 +184,7 @@ LayerExport = Callable[[nn.Module, torch.dtype], nn.Module]
 #: How each layer type becomes a plain module of the graph's dtype; filled by
 #: :func:`register_layer_export`.  Look-ups use the exact type: a subclass may compute something
 #: else with the same weights.  Each exported type also needs a forward-rounding step rule
-#: (:data:`lipmargin.allowance.STEP_RULES`).
+#: (:data:`lipmargin.export.allowance.STEP_RULES`).
 LAYER_EXPORTS: dict[type, LayerExport] = {}
 
 
@@ -241,7 +241,7 @@ class CertifiedPredictor(nn.Module):
     """``x -> (label (B,) int64, radius (B,) float64)`` with the pairwise bound as a constant.
 
     Holds copies of the model's layers in the graph dtype (float64, or float32 for ONNX Runtime),
-    each wrapped in a step of :mod:`lipmargin.allowance` that also updates a proven bound of the
+    each wrapped in a step of :mod:`lipmargin.export.allowance` that also updates a proven bound of the
     forward pass's rounding error, and the ``(C, C)`` pairwise bound rounded up to the dtype.  The
     radius is deflated by :data:`ALLOWANCE_MULTIPLE` times that error and every rounding of the
     radius formula is directed downwards.  Build it with :func:`build_predictor`.

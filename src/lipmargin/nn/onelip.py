@@ -6,7 +6,7 @@ Every layer registers a :class:`~lipmargin.lipschitz.LayerRule` with
   1-Lipschitz by construction (SOC up to its truncated series), so training needs no estimate.
 - ``bound(module, in_shape)``: a number provably >= the Lipschitz constant of the layer's *actual*
   effective operator, computed from its parameters and buffers with the sound norm bounds of
-  :mod:`lipmargin.bounds`; never assumed to be 1.  It is computed in float64 from the stored values,
+  :mod:`lipmargin.lipschitz.bounds`; never assumed to be 1.  It is computed in float64 from the stored values,
   exactly as the float64 copy that :func:`lipmargin.certify.certify` evaluates computes them.
 
 What a bound describes: the layer's **eval-mode** function with its current parameters and buffers
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipmargin.bounds import conv2d_norm_bound, linear_norm_bound
+from lipmargin.lipschitz.bounds import conv2d_norm_bound, linear_norm_bound
 from lipmargin.lipschitz import ROUNDING_MARGIN, no_autocast, register_layer_rule
 
 __all__ = [
@@ -345,8 +345,8 @@ class _ConvexPotential(nn.Module):
     ``h = cpl_step_size(sigma, safety)``.
 
     Eval mode: the same, without advancing ``u``, except that ``safety * sigma`` is raised to a
-    *sound* bound ``b >= ||W||`` (:func:`~lipmargin.bounds.conv2d_norm_bound` /
-    :func:`~lipmargin.bounds.linear_norm_bound`) when it is below it.  A power iteration on a
+    *sound* bound ``b >= ||W||`` (:func:`~lipmargin.lipschitz.bounds.conv2d_norm_bound` /
+    :func:`~lipmargin.lipschitz.bounds.linear_norm_bound`) when it is below it.  A power iteration on a
     convolution converges slowly (its top singular values cluster) and lags one optimiser step
     behind ``W``, so ``sigma`` can be a few per cent low; the clamp makes the eval-mode layer
     (the function that certificates describe) provably 1-Lipschitz, and changes nothing while the

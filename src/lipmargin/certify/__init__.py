@@ -3,10 +3,10 @@
 ``R(x) = min_{j != c} (f_c(x) - f_j(x)) / L[c, j]`` with ``L[c, j] >= Lip(f_c - f_j)``.  A sample is
 certified at ``eps`` when its prediction is right and ``R(x) > eps`` (strict).
 
-Certificates are computed in float64: the model is traced (:mod:`lipmargin.graph`) and copied to
+Certificates are computed in float64: the model is traced (:mod:`lipmargin.lipschitz.graph`) and copied to
 float64 (the caller's model is not touched), the pairwise matrix composes per-leaf values of one of
 the :data:`BOUND_METHODS` over the graph, and every radius is deflated by a bound on the rounding
-of the float64 forward pass (:mod:`lipmargin.graph_eval`).
+of the float64 forward pass (:mod:`lipmargin.lipschitz.graph_eval`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from torch import Tensor
 
 from torch import nn
 
-from lipmargin.graph import GraphPlan, check_input_shape, check_training_mode, compose_sound, pairwise_from_plan, trace_model
-from lipmargin.graph_eval import forward_with_error
+from lipmargin.lipschitz.graph import GraphPlan, check_input_shape, check_training_mode, compose_sound, pairwise_from_plan, trace_model
+from lipmargin.lipschitz.graph_eval import forward_with_error
 from lipmargin.lipschitz import _float64_operator, converge_operator_norm, layer_rule, operator_norm_bound
 from lipmargin.models import LipschitzNet
-from lipmargin.rounding import radius_lower
+from lipmargin.lipschitz.rounding import radius_lower
 
 if TYPE_CHECKING:
     from lipmargin.checkpoint import CheckpointRef
@@ -120,7 +120,7 @@ def _power_leaves(plan: GraphPlan, model: nn.Module) -> dict[str, float]:
 
 @register_bound_method("sound", sound=True)
 def _sound_leaves(plan: GraphPlan, model: nn.Module) -> dict[str, float]:
-    """Per-leaf bounds provably >= each leaf's Lipschitz constant (lipmargin.bounds)."""
+    """Per-leaf bounds provably >= each leaf's Lipschitz constant (lipmargin.lipschitz.bounds)."""
     return {s.name: operator_norm_bound(plan.module(s), s.in_shape or ()) for s in plan.leaves}
 
 
@@ -172,7 +172,7 @@ def _bound_of_plan(plan: GraphPlan, model: nn.Module, method: str) -> ModelBound
 def model_bound(model: nn.Module, method: str = "sound", *, input_shape: Sequence[int] | None = None) -> ModelBound:
     """The pairwise Lipschitz matrix of any ``model`` mapping an input batch to logits.
 
-    The model is traced with ``torch.fx`` as it is now (:mod:`lipmargin.graph`); every node needs
+    The model is traced with ``torch.fx`` as it is now (:mod:`lipmargin.lipschitz.graph`); every node needs
     a rule or a ``TypeError`` names it.  ``input_shape`` (one input, no batch dimension) is
     required unless ``model`` is a :class:`LipschitzNet`.  The model is not changed: the bound is
     computed on a float64 copy.
@@ -197,7 +197,7 @@ def certified_radius(logits: Tensor, pairwise: Tensor, logit_error: Tensor | Non
 
     Returns:
         ``(radius (B,) float64, prediction (B,))``, every rounding directed down
-        (:func:`lipmargin.rounding.radius_lower`).  A pair with a zero bound has a constant
+        (:func:`lipmargin.lipschitz.rounding.radius_lower`).  A pair with a zero bound has a constant
         difference: it never limits the radius if the margin is positive (``inf``), else 0.
     """
     if logits.dim() != 2 or pairwise.shape != (logits.shape[1], logits.shape[1]):
@@ -249,7 +249,7 @@ def certify(
     :class:`LipschitzNet`).  It is traced and evaluated as a float64 copy, so what is evaluated is
     exactly the graph that was bounded; the caller's model keeps its dtype, mode and buffers.
     Each radius is deflated by a bound on the rounding error of that float64 forward pass
-    (:mod:`lipmargin.graph_eval`).  ``bound`` reuses a :class:`ModelBound`; it must have been
+    (:mod:`lipmargin.lipschitz.graph_eval`).  ``bound`` reuses a :class:`ModelBound`; it must have been
     computed from the model's current weights (else ``ValueError``).  Inputs of another shape than
     the bound's raise ``ValueError``.  ``checkpoint`` (e.g.
     :attr:`lipmargin.train.LoadedRun.checkpoint`) is recorded in the result, so that it names the

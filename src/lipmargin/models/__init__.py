@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lipmargin.layers import MaxMin
-from lipmargin.graph_estimate import FeatureBound
+from lipmargin.nn.activations import MaxMin
+from lipmargin.lipschitz.estimate import FeatureBound
 from lipmargin.lipschitz import pairwise_head_norms
 
 __all__ = [
@@ -209,4 +209,4 @@ def _c2f2(in_shape: tuple[int, ...], num_classes: int, width: int = 32, dense_wi
     return _conv_net(in_shape, num_classes, [(w, 3, 1, 1), (2 * w, 3, 2, 1)], [dense_width], "2C2F")
 
 
-from lipmargin import backbones as _backbones  # noqa: E402,F401  (registers the 1-Lipschitz backbones)
+from lipmargin.models import backbones as _backbones  # noqa: E402,F401  (registers the 1-Lipschitz backbones)

@@ -3,12 +3,12 @@
 Every rule is looked up by the layer's exact type (:func:`lipmargin.lipschitz.layer_rule`).  The
 constants, each with its proof:
 
-- ``Linear`` / ``Conv1d`` / ``Conv2d``: the sound operator-norm bounds of :mod:`lipmargin.bounds`
+- ``Linear`` / ``Conv1d`` / ``Conv2d``: the sound operator-norm bounds of :mod:`lipmargin.lipschitz.bounds`
   (a Conv1d is a Conv2d on inputs of height 1 with a ``(1, k)`` kernel: the same linear map).
 - ``ReLU``, ``Identity``, ``Flatten``, ``Unflatten``, ``Dropout`` in eval mode: 1.
 - ``LeakyReLU(a)``: ``max(1, |a|)`` (slopes 1 and ``a``); ``ELU(alpha)``: ``max(1, |alpha|)``
   (slopes 1 and ``alpha e^x``, ``x < 0``); ``Tanh``: 1; ``Sigmoid``: 1/4; ``GELU``: 1.13
-  (:data:`lipmargin.graph_ops.GELU_LIPSCHITZ`).
+  (:data:`lipmargin.lipschitz.graph_ops.GELU_LIPSCHITZ`).
 - ``BatchNorm1d/2d`` in eval mode: ``y = a_c x + b_c`` per channel with
   ``a_c = gamma_c / sqrt(var_c + eps)``: ``max_c |a_c|``.  Training mode (batch statistics) is
   refused.
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipmargin.bounds import conv2d_norm_bound, linear_norm_bound
-from lipmargin.graph_ops import GELU_LIPSCHITZ
+from lipmargin.lipschitz.bounds import conv2d_norm_bound, linear_norm_bound
+from lipmargin.lipschitz.graph_ops import GELU_LIPSCHITZ
 from lipmargin.lipschitz import ROUNDING_MARGIN, _conv_op, _conv_bound, linear_operator, register_layer_rule
-from lipmargin.rounding import affine_error_bound, elementwise_error_bound, round_up, unit_roundoff
+from lipmargin.lipschitz.rounding import affine_error_bound, elementwise_error_bound, round_up, unit_roundoff
 
 __all__ = ["TRAINING_MODE_REFUSED", "exact_rounding", "ulps_rounding"]
 

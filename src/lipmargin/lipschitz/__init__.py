@@ -66,10 +66,10 @@ class LayerRule:
     - ``constant(module) -> float``: a proven constant that holds for every input (activations,
       reshapes, fixed normalisation); it is its own sound bound.
     - ``bound(module, in_shape) -> float``: provably >= the layer's Lipschitz constant on inputs
-      of ``in_shape`` (see :mod:`lipmargin.bounds`).  Required unless ``constant`` is set.
+      of ``in_shape`` (see :mod:`lipmargin.lipschitz.bounds`).  Required unless ``constant`` is set.
     - ``rounding(module, x, y) -> Tensor``: per-sample ``(B,)`` bound on the L2 norm of the
       rounding error the layer itself adds when ``y = module(x)`` is evaluated in ``x.dtype``
-      (see :mod:`lipmargin.graph`); ``None`` means the layer has no proven rule and a documented
+      (see :mod:`lipmargin.lipschitz.graph`); ``None`` means the layer has no proven rule and a documented
       generous model is used instead.
     """
 
@@ -82,7 +82,7 @@ class LayerRule:
 
 #: Registry of layer rules, filled by :func:`register_layer_rule`.  Look-ups use the EXACT type: a
 #: subclass may override ``forward``, so it never inherits its parent's rule (it is traced through
-#: its own ``forward`` by :mod:`lipmargin.graph`, or refused).
+#: its own ``forward`` by :mod:`lipmargin.lipschitz.graph`, or refused).
 LAYER_RULES: dict[type, LayerRule] = {}
 
 #: Rules for layers of other libraries, keyed by ``"module.QualName"`` of the exact class, so that
@@ -124,7 +124,7 @@ def register_layer_rule(*types: type | str, override: bool = False, **rule_field
 def find_layer_rule(module: nn.Module) -> LayerRule | None:
     """The rule registered for ``type(module)`` exactly, or ``None``."""
     if nn.Linear not in LAYER_RULES:
-        import lipmargin.torch_layers  # noqa: F401  (registers torch's layers; it imports this module)
+        import lipmargin.lipschitz.torch_layers  # noqa: F401  (registers torch's layers; it imports this module)
     cls = type(module)
     rule = LAYER_RULES.get(cls)
     return rule if rule is not None else PEER_LAYER_RULES.get(_class_key(cls))
@@ -319,7 +319,7 @@ def _conv_op(m: nn.Module, in_shape: tuple[int, ...]) -> tuple[Operator, Operato
 
 
 def _conv_bound(m: nn.Module, in_shape: tuple[int, ...]) -> float:
-    from lipmargin.bounds import conv2d_norm_bound
+    from lipmargin.lipschitz.bounds import conv2d_norm_bound
 
     c = _conv_checked(m)  # type: ignore[arg-type]
     return conv2d_norm_bound(
@@ -329,12 +329,12 @@ def _conv_bound(m: nn.Module, in_shape: tuple[int, ...]) -> float:
 
 
 def _linear_bound(m: nn.Module, in_shape: tuple[int, ...]) -> float:
-    from lipmargin.bounds import linear_norm_bound
+    from lipmargin.lipschitz.bounds import linear_norm_bound
 
     return linear_norm_bound(m.weight.detach())  # type: ignore[arg-type]
 
 
-# The rules of torch's own layers are registered in lipmargin.torch_layers.
+# The rules of torch's own layers are registered in lipmargin.lipschitz.torch_layers.
 
 
 def operator_norm_bound(layer: nn.Module, input_shape: Sequence[int]) -> float:
@@ -377,7 +377,7 @@ def pairwise_head_norms_bound(weight: Tensor) -> Tensor:
     that underflow are covered by an absolute ``2**-500 sqrt(d)`` on every pair of rows that differ.
     The result is scaled back exactly (or rounded up once if subnormal).  Equal rows give exactly 0.
     """
-    from lipmargin.rounding import mul_pow2
+    from lipmargin.lipschitz.rounding import mul_pow2
 
     w = weight.detach().to(torch.float64)
     top = w.abs().max() if w.numel() else torch.zeros((), dtype=torch.float64)

@@ -5,7 +5,7 @@ torch.export, float32 for ONNX, whose CPU runtime has no float64 convolution).  
 not be larger than the radius of the *exact* network, nor than the one :func:`lipmargin.certify`
 reports.  Each layer therefore becomes a *step* ``(x, err) -> (y, err')`` that runs the layer and
 updates ``err``, a per-sample ``(B,)`` upper bound of ``||x^ - x||_2`` (computed vs exact
-activation), with the formulas of :mod:`lipmargin.rounding`:
+activation), with the formulas of :mod:`lipmargin.lipschitz.rounding`:
 
     err' = L * err + local,   local = alpha * ||t^|| + beta
 
@@ -51,7 +51,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from lipmargin.rounding import gamma, underflow_unit, unit_roundoff
+from lipmargin.lipschitz.rounding import gamma, underflow_unit, unit_roundoff
 
 __all__ = [
     "STEP_RULES",

@@ -48,7 +48,7 @@ from lipmargin.checkpoint import (
 from lipmargin.config import RunConfig, config_to_dict
 from lipmargin.data import DATASETS, DeviceLoader
 from lipmargin.models import LipschitzNet
-from lipmargin.stacked import (
+from lipmargin.train.stacked import (
     StackedForward,
     VmapForward,
     converge_members,
@@ -228,7 +228,7 @@ def train_group(
     emit = on_event or (lambda event: None)
     keys = {group_key(cfg) for cfg, _ in runs}
     if not runs or None in keys or len(keys) != 1:
-        raise ValueError("train_group: the runs do not form one batched group (see lipmargin.batched.group_key)")
+        raise ValueError("train_group: the runs do not form one batched group (see lipmargin.train.batched.group_key)")
     if dist_info_from_env().world_size > 1:
         raise TrainingError("batched sweeps train in one process; start them without torchrun")
     members = [_Member(cfg, Path(out)) for cfg, out in runs]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lipmargin.checkpoint import default_file_mode
+from lipmargin._io import default_file_mode
 
 __all__ = [
     "DATASETS",

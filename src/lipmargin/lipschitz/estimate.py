@@ -2,7 +2,7 @@
 
 :class:`FeatureBound` keeps one persistent power-iteration vector per affine leaf of the traced
 module (a buffer shaped like the leaf's real input, batch 1) and composes the per-leaf values with
-the rules of :mod:`lipmargin.graph`: a plain chain gives the product of the per-layer sigmas (the
+the rules of :mod:`lipmargin.lipschitz.graph`: a plain chain gives the product of the per-layer sigmas (the
 paper's ``K``), a residual ``x + f(x)`` gives ``1 + Lip f``, and so on.  The values are
 *estimates* (a power iteration approaches a norm from below); certificates use
 :func:`lipmargin.certify.model_bound`, which composes sound per-leaf bounds over the same graph.
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lipmargin.graph import GraphPlan, ModelStructureError, compose_estimate, compose_sound, pairwise_estimate, structure_signature, trace_model
+from lipmargin.lipschitz.graph import GraphPlan, ModelStructureError, compose_estimate, compose_sound, pairwise_estimate, structure_signature, trace_model
 from lipmargin.lipschitz import (
     LayerRule,
     _float64_operator,
@@ -125,7 +125,7 @@ class FeatureBound(nn.Module):
 
         ``vectors`` maps buffer names to the advanced vectors (empty unless ``n_iter > 0`` in
         training mode).  Free of in-place buffer writes, it runs under ``torch.func.vmap`` /
-        ``functional_call`` over stacked members (see :mod:`lipmargin.batched`).
+        ``functional_call`` over stacked members (see :mod:`lipmargin.train.batched`).
         """
         lip, sigmas, vectors = self._estimate(n_iter)
         return lip[self._plan.output], sigmas, vectors

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lipmargin.attacks import autoattack_l2, lipschitz_lower_bound, pgd_l2
+from lipmargin.certify.attacks import autoattack_l2, lipschitz_lower_bound, pgd_l2
 from lipmargin.certify import ModelBound, certify, model_bound
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def audit_model(
     ``use_autoattack`` runs APGD-CE and APGD-T (real ``torchattacks``; ``ImportError`` if it is
     missing) at every evaluation radius and at each sample's own radius times ``1 - 1e-6``:
     APGD-CE at exactly that radius per sample, APGD-T per group of radii within 2 % at the
-    group's smallest one (:func:`lipmargin.attacks.autoattack_l2`).  It needs inputs in [0, 1]
+    group's smallest one (:func:`lipmargin.certify.attacks.autoattack_l2`).  It needs inputs in [0, 1]
     (``clamp=(0, 1)``, else ``ValueError``); APGD-T needs >= 4 classes and is otherwise left out,
     with a note in ``notes``.  ``autoattack_steps``: iterations per APGD run (AutoAttack uses 100).
     """

@@ -1,11 +1,11 @@
 """Run a traced model and bound the rounding error of its logits at the same time.
 
 The error of every input-dependent node is a per-sample bound ``e`` on ``||computed - exact||_2``.
-It propagates with the same combinators as the Lipschitz constants (:mod:`lipmargin.graph`): a
+It propagates with the same combinators as the Lipschitz constants (:mod:`lipmargin.lipschitz.graph`): a
 layer with constant ``c`` maps an input error ``e`` to at most ``c e`` plus what the layer's own
 rounding adds (its rule's ``rounding``); ``sum`` adds the weighted errors; ``rss`` (concatenation,
 max / min) takes the root of the sum of squares.  The logits' bound then deflates the margins
-(:func:`lipmargin.rounding.radius_lower`).
+(:func:`lipmargin.lipschitz.rounding.radius_lower`).
 
 Layers without a proven rounding rule (the 1-Lipschitz families, whose forward passes are long
 iterative computations) use a documented model instead: ``2**12 u (c ||x|| + ||y||)`` per sample,
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from lipmargin.graph import GraphPlan, Step, _scale_factor, constant_values
+from lipmargin.lipschitz.graph import GraphPlan, Step, _scale_factor, constant_values
 from lipmargin.lipschitz import layer_rule
-from lipmargin.rounding import affine_error_bound, elementwise_error_bound, nonnegative_norm_bound, propagate_error, round_up, unit_roundoff
+from lipmargin.lipschitz.rounding import affine_error_bound, elementwise_error_bound, nonnegative_norm_bound, propagate_error, round_up, unit_roundoff
 
 __all__ = ["forward_with_error", "MODELLED_ROUNDING_FACTOR"]
 

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from lipmargin import torch_layers  # noqa: F401  (fills the rules of torch's layers)
-from lipmargin.graph_ops import OP_RULES, OpRule, supported_operations
+from lipmargin.lipschitz import torch_layers  # noqa: F401  (fills the rules of torch's layers)
+from lipmargin.lipschitz.graph_ops import OP_RULES, OpRule, supported_operations
 from lipmargin.lipschitz import (
     find_layer_rule,
     layer_rule,
@@ -43,7 +43,7 @@ from lipmargin.lipschitz import (
     pairwise_head_norms_bound,
     supported_layers,
 )
-from lipmargin.rounding import SQRT2_UP
+from lipmargin.lipschitz.rounding import SQRT2_UP
 
 __all__ = ["GraphPlan", "Step", "trace_model", "compose_sound", "compose_estimate", "check_input_shape", "ModelStructureError"]
 
@@ -297,7 +297,7 @@ def check_training_mode(model: nn.Module) -> None:
 
 
 def _refuses_training(m: nn.Module) -> bool:
-    from lipmargin.torch_layers import TRAINING_MODE_REFUSED
+    from lipmargin.lipschitz.torch_layers import TRAINING_MODE_REFUSED
 
     return isinstance(m, TRAINING_MODE_REFUSED)
 

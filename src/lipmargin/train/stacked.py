@@ -1,5 +1,5 @@
 """M copies of one LipschitzNet stacked along a leading member dimension: forward, power iteration,
-loss and end-of-epoch convergence for all members at once (used by :mod:`lipmargin.batched`).
+loss and end-of-epoch convergence for all members at once (used by :mod:`lipmargin.train.batched`).
 
 Parameters and buffers live in tensors shaped ``(M, *shape)``; each member model's tensors are views
 of its slice, so whatever updates the stacks (one AdamW, ``load_state_dict`` on a member, a member's
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from lipmargin.config import LossConfig
-from lipmargin.layers import GroupSort, MaxMin
+from lipmargin.nn.activations import GroupSort, MaxMin
 from lipmargin.lipschitz import (
     _normalize,
     conv2d_operator,

@@ -32,7 +32,7 @@ from typing import Callable, Literal, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from lipmargin.rounding import mul_pow2
+from lipmargin.lipschitz.rounding import mul_pow2
 
 __all__ = [
     "spectral_norm_dense",

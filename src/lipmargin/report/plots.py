@@ -5,7 +5,7 @@ Every function takes numbers (tensors, arrays, the dicts ``lipmargin.train`` wri
 :class:`matplotlib.figure.Figure`; none reads files or prints.  Figures are built with ``Figure()``,
 not ``pyplot``: no backend is selected and no global figure registry fills up, and ``savefig``
 renders through Agg.  matplotlib is the optional extra ``[plot]``, imported only when a function is
-called, so ``import lipmargin.plots`` works without it.
+called, so ``import lipmargin.report.plots`` works without it.
 """
 
 from __future__ import annotations

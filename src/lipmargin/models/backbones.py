@@ -1,7 +1,7 @@
 """1-Lipschitz backbones (SOC LipConvNet, CPL, SLL, AOL) with an unconstrained linear head.
 
 Each factory returns a :class:`~lipmargin.models.LipschitzNet` whose feature extractor is built
-from the layers of :mod:`lipmargin.onelip` and ends in a plain ``nn.Linear`` head, as in the CLL
+from the layers of :mod:`lipmargin.nn.onelip` and ends in a plain ``nn.Linear`` head, as in the CLL
 paper's integrations (METHOD.md section 6: "each with an unconstrained last linear layer").  The
 feature bound ``K`` of these nets is 1 by construction (up to the computed, sound per-layer bounds),
 so the CLL / GloRo losses see ``K * ||W_i - W_j||`` with ``K ~ 1``.
@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lipmargin.layers import MaxMin
+from lipmargin.nn.activations import MaxMin
 from lipmargin.models import LipschitzNet, _init, register_model
-from lipmargin.onelip import (
+from lipmargin.nn.onelip import (
     AOLConv2d,
     AOLLinear,
     ChannelPad,

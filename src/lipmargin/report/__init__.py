@@ -2,7 +2,7 @@
 
 ``write_report(path)`` looks at what the folder holds: ``summary.json`` (a run written by
 :func:`lipmargin.train.fit`) or ``results.json`` (a sweep written by ``lipmargin sweep``).  It
-saves PNGs drawn by :mod:`lipmargin.plots` next to a ``report.md`` and returns that file's path;
+saves PNGs drawn by :mod:`lipmargin.report.plots` next to a ``report.md`` and returns that file's path;
 nothing is printed.  matplotlib (the ``[plot]`` extra) is needed only when a report is written.
 """
 
@@ -25,7 +25,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from lipmargin import plots
+from lipmargin.report import plots
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

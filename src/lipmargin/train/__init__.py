@@ -50,7 +50,7 @@ from lipmargin.losses import (
     lipschitz_penalty,
 )
 from lipmargin.models import LipschitzNet, create_model
-from lipmargin.runfolder import RunExistsError, move_aside, run_files
+from lipmargin.train.runfolder import RunExistsError, move_aside, run_files
 
 __all__ = [
     "TRAIN_LOSSES",
@@ -591,7 +591,7 @@ def fit(
     ``.safetensors`` file's bytes)``}``.
 
     A folder that already holds a run is never overwritten: without ``resume`` it raises
-    :class:`~lipmargin.runfolder.RunExistsError`, unless ``overwrite`` is set, in which case the old
+    :class:`~lipmargin.train.runfolder.RunExistsError`, unless ``overwrite`` is set, in which case the old
     run is renamed to ``<out_dir>.old-<time>`` (an ``{"event": "moved"}`` says where) once the new
     config has loaded its data.  A folder where the same config started but saved no checkpoint
     is simply restarted (nothing would be lost).
@@ -635,7 +635,7 @@ def fit(
 
 
 def replaced_run_files(out: str | Path, cfg: RunConfig) -> list[str]:
-    """What a fresh run of ``cfg`` in ``out`` would destroy (see :data:`~lipmargin.runfolder.RUN_FILES`).
+    """What a fresh run of ``cfg`` in ``out`` would destroy (see :data:`~lipmargin.train.runfolder.RUN_FILES`).
 
     Empty for a new or empty folder, and for one where the same config started but never reached
     a checkpoint (only ``config.yaml`` and maybe ``metrics.jsonl``): restarting that loses nothing.

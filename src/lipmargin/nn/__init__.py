@@ -1,0 +1,1 @@
+"""Layers: activations and the 1-Lipschitz layer families."""
