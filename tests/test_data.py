@@ -60,7 +60,7 @@ def assert_one_line(err: pytest.ExceptionInfo[BaseException]) -> None:
 
 
 def test_registry_lists_all_datasets() -> None:
-    expected = {"moons", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet"}
+    expected = {"moons", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet", "folder"}
     assert expected <= set(list_datasets())
     assert list_datasets() == sorted(DATASETS)
     assert DATASETS["fashion-mnist"].default_root == "/usr/share/datasets/fashion-mnist"
@@ -122,6 +122,11 @@ def test_array_dataset_basics() -> None:
     assert ds.subset(mask).labels.tolist() == [0, 2, 4]
     moved = ds.to("cpu")
     assert moved.inputs.dtype == torch.uint8 and torch.equal(moved.inputs, ds.inputs)
+
+
+def test_array_dataset_in_shape_was_renamed() -> None:
+    with pytest.raises(AttributeError, match="in_shape was renamed input_shape"):
+        ids_dataset(2).in_shape  # noqa: B018
 
 
 @pytest.mark.parametrize(
