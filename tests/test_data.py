@@ -124,6 +124,19 @@ def test_array_dataset_basics() -> None:
     assert moved.inputs.dtype == torch.uint8 and torch.equal(moved.inputs, ds.inputs)
 
 
+def test_data_functions_leave_the_global_rng_alone() -> None:
+    ds = ids_dataset(40)
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    train_val_split(ds, 0.25, seed=3)
+    D.stratified_subset(ds, 10, seed=3)
+    load_dataset("moons", split="train")
+    D.make_moons(10, seed=1)
+    for _ in DeviceLoader(ds, 8, shuffle=True, augment=Augment(crop_padding=1, hflip=True, rotation=5.0), seed=2):
+        pass
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), np_state))
+
+
 def test_array_dataset_in_shape_was_renamed() -> None:
     with pytest.raises(AttributeError, match="in_shape was renamed input_shape"):
         ids_dataset(2).in_shape  # noqa: B018

@@ -16,9 +16,8 @@ Class names are the sorted sub-folder names; label ``i`` is the ``i``-th name (s
 decoded with Pillow (``pip install pillow``); pixels are RGB, or one grayscale channel when every
 image of both splits is grayscale.  All images must have one size: nothing is resized.  Names
 starting with "." are ignored, and so are plain files beside the class folders (a README in ``DIR``
-or ``DIR/train``); any other file or folder
-inside a class folder is an error naming it (skipping it silently would change the dataset
-unnoticed).  The dataset holds uint8 ``(N, C, H, W)`` images, so its input shape is the images'.
+or ``DIR/train``); any other file or folder inside a class folder is an error naming it (skipping
+it silently would change the dataset unnoticed).  The dataset holds uint8 ``(N, C, H, W)`` images, so its input shape is the images'.
 
 Cache: when ``DIR`` is writable, the decoded images are stored in ``DIR/.lipmargin-folder-cache.npz``
 (an atomic write) and reused while the listing -- every image's path, size in bytes and mtime -- is
@@ -129,11 +128,6 @@ def _listing(root: Path) -> _Listing:
             flat = _is_test_by_name([f.name for f in files])
             is_test.append(np.full(len(files), test) if split else flat)
     test_mask = np.concatenate(is_test)
-    if not test_mask.any():
-        raise DatasetError(
-            f"folder: no test images: every class folder in {root} has fewer than {TEST_EVERY} images; add images "
-            f"or give {root}/train and {root}/test folders"
-        )
     return _Listing(tuple(classes), tuple(paths), np.asarray(labels, dtype=np.int64), test_mask, _fingerprint(root, paths))
 
 
@@ -180,8 +174,7 @@ def folder_classes(root: str | Path) -> list[str]:
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     for name in ("dog", "cat"):
     ...         os.makedirs(os.path.join(tmp, name))
-    ...         for i in range(5):
-    ...             open(os.path.join(tmp, name, f"{i}.png"), "wb").close()
+    ...         open(os.path.join(tmp, name, "0.png"), "wb").close()  # listed, not decoded
     ...     folder_classes(tmp)
     ['cat', 'dog']
     """
@@ -195,6 +188,11 @@ def folder_classes(root: str | Path) -> list[str]:
 def _load_folder(root: Path | None, split: str) -> ArrayDataset:
     root = _root(root)
     listing = _listing(root)
+    if not listing.is_test.any():
+        raise DatasetError(
+            f"folder: no test images: every class folder in {root} has fewer than {TEST_EVERY} images; add images "
+            f"or give {root}/train and {root}/test folders"
+        )
     images = _images(root, listing)  # (N, C, H, W)
     keep = listing.is_test if split == "test" else ~listing.is_test  # (N,)
     return ArrayDataset(

@@ -47,6 +47,10 @@ def parse_idx(data: bytes, expected_magic: int, path: Path | str, name: str = "i
 
     Raises :class:`DatasetError` naming ``path`` on a wrong magic number, a
     truncated header or a size that disagrees with the header's dimensions.
+
+    >>> header = IDX_LABELS_MAGIC.to_bytes(4, "big") + (3).to_bytes(4, "big")
+    >>> parse_idx(header + bytes([7, 0, 9]), IDX_LABELS_MAGIC, "labels.idx").tolist()
+    [7, 0, 9]
     """
     if len(data) < 4:
         raise DatasetError(
