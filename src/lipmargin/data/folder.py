@@ -7,9 +7,9 @@ Layout (checked in this order):
   and other folders beside them are not read.
 * ``DIR/<class>/<image>``: the split is drawn here, deterministically and per class: of a class
   with ``n`` images, the ``floor(n / 5)`` whose file names have the smallest SHA-256 digests are
-  the test split (20 %), the others the training split.  A file's side depends only on its own
-  name and its class's size, never on a seed or on other classes; a class needs at least 5 images
-  to contribute test images.
+  the test split (20 %), the others the training split.  The split depends only on the file
+  names inside each class folder, never on a seed or on other classes; a class needs at least 5
+  images to contribute test images, and at least one class must.
 
 Class names are the sorted sub-folder names; label ``i`` is the ``i``-th name (see
 :func:`folder_classes`).  Images are PNG or JPEG files (suffix .png, .jpg or .jpeg in any case),
@@ -17,7 +17,9 @@ decoded with Pillow (``pip install pillow``); pixels are RGB, or one grayscale c
 image of both splits is grayscale.  All images must have one size: nothing is resized.  Names
 starting with "." are ignored, and so are plain files beside the class folders (a README in ``DIR``
 or ``DIR/train``); any other file or folder inside a class folder is an error naming it (skipping
-it silently would change the dataset unnoticed).  The dataset holds uint8 ``(N, C, H, W)`` images, so its input shape is the images'.
+it silently would change the dataset unnoticed).  The dataset holds uint8 ``(N, C, H, W)``
+images, so its input shape is the images'.  There is no default augmentation: flips or crops may
+not suit arbitrary images.
 
 Cache: when ``DIR`` is writable, the decoded images are stored in ``DIR/.lipmargin-folder-cache.npz``
 (an atomic write) and reused while the listing -- every image's path, size in bytes and mtime -- is
@@ -125,8 +127,7 @@ def _listing(root: Path) -> _Listing:
             files = _class_images(folder / name)
             paths += files
             labels += [label] * len(files)
-            flat = _is_test_by_name([f.name for f in files])
-            is_test.append(np.full(len(files), test) if split else flat)
+            is_test.append(np.full(len(files), test) if split else _is_test_by_name([f.name for f in files]))
     test_mask = np.concatenate(is_test)
     return _Listing(tuple(classes), tuple(paths), np.asarray(labels, dtype=np.int64), test_mask, _fingerprint(root, paths))
 

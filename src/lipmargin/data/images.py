@@ -110,7 +110,7 @@ def read_npz_cache(path: Path, name: str) -> dict[str, np.ndarray] | None:
 def write_npz_cache(path: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
     """Store ``arrays`` as the .npz ``path``, atomically; a failure only warns."""
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    np.savez(buffer, **arrays)
     try:
         atomic_write_bytes(path, buffer.getvalue())
     except OSError as err:
