@@ -319,7 +319,7 @@ def main() -> None:
     if args.train_subset:
         train = train.subset(torch.arange(args.train_subset))
     test = load_dataset("fashion-mnist", None, "test")
-    in_shape = tuple(train.in_shape)
+    in_shape = tuple(train.input_shape)
     test_batches = [(x.cpu(), y.cpu()) for x, y in DeviceLoader(test, 1000)]
     x_check = test_batches[0][0][:256]
 

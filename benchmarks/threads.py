@@ -47,7 +47,7 @@ def worker(rule: str, repeat: int) -> dict:
 
     cfg = load_config(None, preset="digits-cll")
     data = load_run_data(cfg)
-    model = build_model(cfg, data.train.in_shape, data.train.num_classes).double()
+    model = build_model(cfg, data.train.input_shape, data.train.num_classes).double()
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     loss = TRAIN_LOSSES[cfg.loss.name](cfg.loss)
     step = TrainStep(model, cfg.train.power_iters, cfg.train.precision)

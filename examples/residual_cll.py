@@ -62,7 +62,7 @@ def make_model() -> nn.Module:
 def train(model: nn.Module, data: str, steps: int, *, eps: float = 0.5, p: float = 0.01, batch: int = 128,
           penalty: float = 1e-4, seed: int = 0, root: str | None = None) -> dict[str, float]:
     ds = load_dataset(data, root, "train")
-    shape = tuple(ds.in_shape)
+    shape = tuple(ds.input_shape)
     estimate = lipmargin.FeatureBound(model, shape)  # power-iteration vectors for every conv/linear leaf
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -90,14 +90,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     test = load_dataset(args.data, None, "test")
-    c, h, _ = test.in_shape
+    c, h, _ = test.input_shape
     model = ResidualNet(c, h, batchnorm=args.batchnorm)
     print("training:", train(model, args.data, args.steps))
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out)
     x, y = to_float(test.inputs[:1000]), test.labels[:1000]
-    result = lipmargin.certify(model, [(x, y)], [36 / 255, 72 / 255, 108 / 255], input_shape=test.in_shape)
+    result = lipmargin.certify(model, [(x, y)], [36 / 255, 72 / 255, 108 / 255], input_shape=test.input_shape)
     print(f"clean {result.clean_accuracy:.3f}  certified {result.certified_accuracy}  L {result.lipschitz:.3g}  -> {args.out}")
 
 

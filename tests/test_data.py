@@ -19,6 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lipmargin import data as D
+from lipmargin.data import augment as augment_module
+from lipmargin.data import images as images_module
+from lipmargin.data import synthetic as synthetic_module
 from lipmargin.data import (
     DATASETS,
     ArrayDataset,
@@ -57,7 +60,7 @@ def assert_one_line(err: pytest.ExceptionInfo[BaseException]) -> None:
 
 
 def test_registry_lists_all_datasets() -> None:
-    expected = {"moons", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet"}
+    expected = {"moons", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet", "folder"}
     assert expected <= set(list_datasets())
     assert list_datasets() == sorted(DATASETS)
     assert DATASETS["fashion-mnist"].default_root == "/usr/share/datasets/fashion-mnist"
@@ -111,7 +114,7 @@ def ids_dataset(n: int, shape: tuple[int, ...] = (1, 2, 2), dtype: torch.dtype =
 
 def test_array_dataset_basics() -> None:
     ds = ids_dataset(6)
-    assert len(ds) == 6 and ds.in_shape == (1, 2, 2)
+    assert len(ds) == 6 and ds.input_shape == (1, 2, 2)
     sub = ds.subset(torch.tensor([4, 1]))
     assert sub.labels.tolist() == [4, 1]
     assert torch.equal(sub.inputs, ds.inputs[[4, 1]])
@@ -119,6 +122,24 @@ def test_array_dataset_basics() -> None:
     assert ds.subset(mask).labels.tolist() == [0, 2, 4]
     moved = ds.to("cpu")
     assert moved.inputs.dtype == torch.uint8 and torch.equal(moved.inputs, ds.inputs)
+
+
+def test_data_functions_leave_the_global_rng_alone() -> None:
+    ds = ids_dataset(40)
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    train_val_split(ds, 0.25, seed=3)
+    D.stratified_subset(ds, 10, seed=3)
+    load_dataset("moons", split="train")
+    D.make_moons(10, seed=1)
+    for _ in DeviceLoader(ds, 8, shuffle=True, augment=Augment(crop_padding=1, hflip=True, rotation=5.0), seed=2):
+        pass
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), np_state))
+
+
+def test_array_dataset_in_shape_was_renamed() -> None:
+    with pytest.raises(AttributeError, match="in_shape was renamed input_shape"):
+        ids_dataset(2).in_shape  # noqa: B018
 
 
 @pytest.mark.parametrize(
@@ -231,7 +252,7 @@ def test_digits_split() -> None:
 
 
 def test_digits_without_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
-    D._digits_arrays.cache_clear()
+    synthetic_module._digits_arrays.cache_clear()
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     try:
@@ -239,7 +260,7 @@ def test_digits_without_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
             load_dataset("digits")
         assert_one_line(err)
     finally:
-        D._digits_arrays.cache_clear()
+        synthetic_module._digits_arrays.cache_clear()
 
 
 # --------------------------------------------------------------------------------------
@@ -565,10 +586,10 @@ def test_tiny_imagenet_load_and_cache(tmp_path: Path, monkeypatch: pytest.Monkey
     assert sorted(p.name for p in base.iterdir() if p.is_file()) == [
         "lipmargin-cache-test.npz", "lipmargin-cache-train.npz", "wnids.txt"]
 
-    def boom(path: Path) -> np.ndarray:
+    def boom(path: Path, name: str, rgb: bool) -> np.ndarray:
         raise AssertionError("decoded although the cache is valid")
 
-    monkeypatch.setattr(D, "_decode_jpeg", boom)
+    monkeypatch.setattr(images_module, "decode_image", boom)
     again = load_dataset("tiny-imagenet", root=tmp_path, split="test")
     assert torch.equal(again.inputs, test.inputs) and torch.equal(again.labels, test.labels)
     # annotations newer than the cache: decoded again
@@ -695,10 +716,10 @@ def test_jitter_semantics() -> None:
     assert torch.allclose(per_sample, per_sample[:, :1].expand_as(per_sample), atol=1e-5)
     assert per_sample.min() >= 0.8 - 1e-5 and per_sample.max() <= 1.2 + 1e-5
     sat = color_jitter(x, 0.0, 0.0, 1.0, gen(8))  # factor in [0, 2]: grayscale luminance preserved
-    assert torch.allclose(D._grayscale(sat.clamp(0, 1)), D._grayscale(sat), atol=1e-6)
+    assert torch.allclose(augment_module._grayscale(sat.clamp(0, 1)), augment_module._grayscale(sat), atol=1e-6)
     con = color_jitter(x, 0.0, 0.3, 0.0, gen(9))
-    mean_in = D._grayscale(x).mean(dim=(1, 2, 3))
-    mean_out = D._grayscale(con).mean(dim=(1, 2, 3))
+    mean_in = augment_module._grayscale(x).mean(dim=(1, 2, 3))
+    mean_out = augment_module._grayscale(con).mean(dim=(1, 2, 3))
     assert torch.allclose(mean_in, mean_out, atol=1e-5)  # contrast keeps the mean (no clipping here)
 
 

@@ -211,9 +211,9 @@ def _load_user_target(args: argparse.Namespace, split: str = "test") -> tuple[An
     eps_items = _parse_eps_list(args.eps or _DEFAULT_USER_EPS)
     device = resolve_device(args.device)
     ds = _dataset(args.data, args.data_root, split)
-    shape = parse_input_shape(args.input_shape) if args.input_shape else tuple(ds.in_shape)
-    if tuple(ds.in_shape) != shape:
-        raise ValueError(f"dataset {args.data} has inputs of shape {tuple(ds.in_shape)} but --input-shape is {shape}")
+    shape = parse_input_shape(args.input_shape) if args.input_shape else tuple(ds.input_shape)
+    if tuple(ds.input_shape) != shape:
+        raise ValueError(f"dataset {args.data} has inputs of shape {tuple(ds.input_shape)} but --input-shape is {shape}")
     model = load_user_model(args.model, args.weights).to(device)
     return model, shape, eps_items, ds, device
 
@@ -281,8 +281,8 @@ def _load_certifiable(
     if eps_items is None:
         eps_items = [(eps_key(e), e) for e in cfg.eval.eps]
     ds = _dataset(cfg.data.name, cfg.data.root, split)
-    if ds.in_shape != model.in_shape:
-        raise ValueError(f"dataset {cfg.data.name} has inputs of shape {ds.in_shape} but the model expects {model.in_shape}")
+    if ds.input_shape != model.in_shape:
+        raise ValueError(f"dataset {cfg.data.name} has inputs of shape {ds.input_shape} but the model expects {model.in_shape}")
     return cfg, model, epoch, eps_items, ds, device, loaded.checkpoint
 
 

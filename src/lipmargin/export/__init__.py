@@ -769,9 +769,9 @@ def export_certified(
         num_samples, max_rel, runtime = 0, None, None
         if check:
             test = load_dataset(cfg.data.name, cfg.data.root, "test")
-            if test.in_shape != model.in_shape:
+            if test.input_shape != model.in_shape:
                 raise ExportError(
-                    f"dataset {cfg.data.name} has inputs of shape {test.in_shape} but the model expects {model.in_shape}"
+                    f"dataset {cfg.data.name} has inputs of shape {test.input_shape} but the model expects {model.in_shape}"
                 )
             # The reference recomputes the sound bound itself, so a wrong baked bound is caught.
             batches = [

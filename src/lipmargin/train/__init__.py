@@ -672,7 +672,7 @@ def _fit(
     main = dist.is_main
     # Everything that can fail on bad input happens before the run folder is created.
     data = load_run_data(cfg)
-    model = build_model(cfg, data.train.in_shape, data.train.num_classes).to(device)
+    model = build_model(cfg, data.train.input_shape, data.train.num_classes).to(device)
     if cfg.train.precision == "fp64":
         model = model.double()
     if cfg.train.channels_last:
@@ -797,7 +797,7 @@ def run_checkpoint(
             "config": config_to_dict(cfg),
             "train_seconds": train_seconds,
             "metrics": record,
-            "data_shape": {"in_shape": list(train_data.in_shape), "num_classes": train_data.num_classes},
+            "data_shape": {"in_shape": list(train_data.input_shape), "num_classes": train_data.num_classes},
         },
         keep=cfg.train.keep_checkpoints,
     )
@@ -891,4 +891,4 @@ def _model_shape_from_state(state: dict[str, Tensor], cfg: RunConfig, data_shape
             raise CheckpointError(f"checkpoint data_shape {str(data_shape)[:80]} must be {{'in_shape': [positive ints], 'num_classes': int}}")
         return tuple(data_shape["in_shape"]), data_shape["num_classes"]
     ds = load_dataset(cfg.data.name, cfg.data.root, "test")
-    return ds.in_shape, ds.num_classes
+    return ds.input_shape, ds.num_classes

@@ -238,7 +238,7 @@ def train_group(
     data = load_run_data(base)
     start = _common_start(members)
     for m in members:
-        m.model = build_model(m.cfg, data.train.in_shape, data.train.num_classes).to(device)
+        m.model = build_model(m.cfg, data.train.input_shape, data.train.num_classes).to(device)
         if fp64:
             m.model = m.model.double()
         m.rng = torch_rng_state()
