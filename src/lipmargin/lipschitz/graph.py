@@ -34,15 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from lipmargin.lipschitz import torch_layers  # noqa: F401  (fills the rules of torch's layers)
 from lipmargin.lipschitz.graph_ops import OP_RULES, OpRule, supported_operations
-from lipmargin.lipschitz import (
-    find_layer_rule,
-    layer_rule,
-    pairwise_head_norms,
-    pairwise_head_norms_bound,
-    supported_layers,
-)
+from lipmargin.lipschitz.operators import pairwise_head_norms, pairwise_head_norms_bound
+from lipmargin.lipschitz.rules import find_layer_rule, layer_rule, supported_layers
+from lipmargin.lipschitz.torch_layers import TRAINING_MODE_REFUSED
 from lipmargin.lipschitz.rounding import SQRT2_UP
 
 __all__ = ["GraphPlan", "Step", "trace_model", "compose_sound", "compose_estimate", "check_input_shape", "ModelStructureError"]
@@ -168,6 +163,14 @@ def trace_model(model: nn.Module, input_shape: Sequence[int], *, for_certificate
     of two samples (under ``no_grad``) to learn every node's shape and to check that no operation
     mixes the samples of a batch.  ``for_certificate`` refuses layers in training mode
     (BatchNorm, Dropout); without it (a training estimate) they are probed on an eval-mode copy.
+
+    >>> plan = trace_model(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), (4,))
+    >>> [step.kind for step in plan.steps], plan.num_classes, plan.head
+    (['input', 'leaf', 'leaf', 'leaf'], 2, '2')
+    >>> trace_model(nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1)), (4,))
+    Traceback (most recent call last):
+    ...
+    TypeError: ...Softmax...
     """
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s < 1 for s in shape):
@@ -297,8 +300,6 @@ def check_training_mode(model: nn.Module) -> None:
 
 
 def _refuses_training(m: nn.Module) -> bool:
-    from lipmargin.lipschitz.torch_layers import TRAINING_MODE_REFUSED
-
     return isinstance(m, TRAINING_MODE_REFUSED)
 
 

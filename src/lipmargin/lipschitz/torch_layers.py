@@ -3,7 +3,7 @@
 Every rule is looked up by the layer's exact type (:func:`lipmargin.lipschitz.layer_rule`).  The
 constants, each with its proof:
 
-- ``Linear`` / ``Conv1d`` / ``Conv2d``: the sound operator-norm bounds of :mod:`lipmargin.lipschitz.bounds`
+- ``Linear`` / ``Conv1d`` / ``Conv2d``: the sound operator-norm bounds of :mod:`lipmargin.lipschitz.dense` / :mod:`lipmargin.lipschitz.conv`
   (a Conv1d is a Conv2d on inputs of height 1 with a ``(1, k)`` kernel: the same linear map).
 - ``ReLU``, ``Identity``, ``Flatten``, ``Unflatten``, ``Dropout`` in eval mode: 1.
 - ``LeakyReLU(a)``: ``max(1, |a|)`` (slopes 1 and ``a``); ``ELU(alpha)``: ``max(1, |alpha|)``
@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipmargin.lipschitz.bounds import conv2d_norm_bound, linear_norm_bound
+from lipmargin.lipschitz.conv import conv2d_norm_bound
+from lipmargin.lipschitz.dense import linear_norm_bound
 from lipmargin.lipschitz.graph_ops import GELU_LIPSCHITZ
-from lipmargin.lipschitz import ROUNDING_MARGIN, _conv_op, _conv_bound, linear_operator, register_layer_rule
-from lipmargin.lipschitz.rounding import affine_error_bound, elementwise_error_bound, round_up, unit_roundoff
+from lipmargin.lipschitz.operators import checked_conv2d, conv2d_layer_operator, linear_operator
+from lipmargin.lipschitz.rounding import ROUNDING_MARGIN, affine_error_bound, elementwise_error_bound, round_up, unit_roundoff
+from lipmargin.lipschitz.rules import register_layer_rule
 
 __all__ = ["TRAINING_MODE_REFUSED", "exact_rounding", "ulps_rounding"]
 
@@ -118,9 +120,17 @@ def _conv1d_bound(m: nn.Module, in_shape: tuple[int, ...]) -> float:
     )
 
 
+def _conv_bound(m: nn.Module, input_shape: tuple[int, ...]) -> float:
+    c = checked_conv2d(m)  # type: ignore[arg-type]
+    return conv2d_norm_bound(
+        c.weight.detach(), tuple(input_shape), stride=c.stride, padding=c.padding,  # type: ignore[arg-type]
+        dilation=c.dilation, groups=c.groups,
+    )
+
+
 register_layer_rule(nn.Linear, operator=lambda m, s: linear_operator(m.weight),
                     bound=lambda m, s: linear_norm_bound(m.weight.detach()), rounding=_linear_rounding)
-register_layer_rule(nn.Conv2d, operator=_conv_op, bound=_conv_bound, rounding=_conv_rounding)
+register_layer_rule(nn.Conv2d, operator=conv2d_layer_operator, bound=_conv_bound, rounding=_conv_rounding)
 register_layer_rule(nn.Conv1d, operator=_conv1d_op, bound=_conv1d_bound, rounding=_conv_rounding)
 
 # ---- activations, reshapes --------------------------------------------------------------------
