@@ -13,6 +13,7 @@ from lipmargin.lipschitz import (
     FeatureEstimate,
     converge_operator_norm,
     conv2d_operator,
+    layer_rule,
     linear_operator,
     operator_norm_bound,
     operator_norm_estimate,
@@ -394,3 +395,23 @@ def test_pairwise_head_norms_gradient_is_finite() -> None:
     (g_ref,) = torch.autograd.grad(ref, w)
     assert_close(grad, g_ref, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(pairwise_head_norms, (weight,))
+
+
+@pytest.mark.parametrize("conv_args", [dict(stride=2, padding=1), dict(padding="same", dilation=2), dict(stride=3)])
+def test_conv1d_operator_is_the_conv_and_converges_to_its_dense_norm(conv_args: dict) -> None:
+    g = torch.Generator().manual_seed(4)
+    layer = nn.Conv1d(3, 4, 3, **conv_args).to(f64)
+    fwd, adj = layer_rule(layer).operator(layer, (3, 11))
+    # The conv applied to every basis vector, written out here with torch's own conv1d.
+    basis = torch.eye(33, dtype=f64).reshape(33, 3, 11)
+    with torch.no_grad():
+        dense = F.conv1d(basis, layer.weight, None, layer.stride, layer.padding, layer.dilation).reshape(33, -1).t()
+        x = torch.randn(1, 3, 11, generator=g, dtype=f64)
+        assert_close(fwd(x).flatten(), dense @ x.flatten())
+        y = torch.randn(fwd(x).shape, generator=g, dtype=f64)
+        assert_close((fwd(x) * y).sum(), (x * adj(y)).sum())  # <A x, y> = <x, A^T y>
+        sigma, _ = converge_operator_norm(fwd, adj, x, tol=1e-14)
+    truth = top_singular_value(dense)
+    assert float(sigma) <= truth * (1 + 1e-12)
+    assert float(sigma) == pytest.approx(truth, rel=1e-8)
+    assert operator_norm_bound(layer, (3, 11)) >= truth

@@ -38,7 +38,7 @@ from lipmargin.lipschitz.graph_ops import OP_RULES, OpRule, supported_operations
 from lipmargin.lipschitz.operators import pairwise_head_norms, pairwise_head_norms_bound
 from lipmargin.lipschitz.rules import find_layer_rule, layer_rule, supported_layers
 from lipmargin.lipschitz.torch_layers import TRAINING_MODE_REFUSED
-from lipmargin.lipschitz.rounding import SQRT2_UP
+from lipmargin.lipschitz.rounding import SQRT2_UP, next_up
 
 __all__ = ["GraphPlan", "Step", "trace_model", "compose_sound", "compose_estimate", "check_input_shape", "ModelStructureError"]
 
@@ -323,12 +323,6 @@ def check_input_shape(plan_shape: Sequence[int], x: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _up(v: float) -> float:
-    """One float up: >= the exact result of the one rounded operation that gave ``v`` (a product
-    that underflowed to 0 becomes the smallest subnormal, never a false 0)."""
-    return math.nextafter(v, math.inf) if v >= 0 and math.isfinite(v) else v
-
-
 def constant_values(plan: GraphPlan, *, detach: bool) -> dict[str, Any]:
     """Values of the input-independent nodes, computed from the model's current parameters."""
     env: dict[str, Any] = {}
@@ -374,7 +368,7 @@ def compose_sound(plan: GraphPlan, leaf_bounds: dict[str, float]) -> dict[str, f
         if s.kind == "input":
             lip[s.name] = 1.0
         elif s.kind == "leaf":
-            lip[s.name] = _up(float(leaf_bounds[s.name]) * lip[s.inputs[0]])
+            lip[s.name] = next_up(float(leaf_bounds[s.name]) * lip[s.inputs[0]])
         elif s.kind == "op":
             lip[s.name] = _combine_float(s, lip, consts)
     return lip
@@ -385,18 +379,18 @@ def _combine_float(s: Step, lip: dict[str, float], consts: dict[str, Any]) -> fl
     if kind == "sum":
         total = 0.0
         for name, w in s.comb[1]:
-            total = _up(total + _up(abs(float(w)) * lip[name]))
+            total = next_up(total + next_up(abs(float(w)) * lip[name]))
         return total
     if kind == "scale":
         f = float(_scale_factor(s.comb, consts))
         if s.comb[3]:
-            f = _up(f)  # 1 / min|c| was one rounded division
-        return _up(f * lip[s.comb[1]])
+            f = next_up(f)  # 1 / min|c| was one rounded division
+        return next_up(f * lip[s.comb[1]])
     if kind == "rss":
         sq = 0.0
         for name in s.comb[1]:
-            sq = _up(sq + _up(lip[name] * lip[name]))
-        return _up(math.sqrt(sq))
+            sq = next_up(sq + next_up(lip[name] * lip[name]))
+        return next_up(math.sqrt(sq))
     raise AssertionError(kind)
 
 
@@ -432,7 +426,7 @@ def pairwise_from_plan(plan: GraphPlan, lip: dict[str, float]) -> tuple[float, T
         return k, pairwise
     total = lip[plan.output]
     c = plan.num_classes
-    value = _up(SQRT2_UP * total)
+    value = next_up(SQRT2_UP * total)
     pairwise = torch.full((c, c), value, dtype=torch.float64)
     pairwise.fill_diagonal_(0.0)
     return total, pairwise
