@@ -415,3 +415,13 @@ def test_conv1d_operator_is_the_conv_and_converges_to_its_dense_norm(conv_args: 
     assert float(sigma) <= truth * (1 + 1e-12)
     assert float(sigma) == pytest.approx(truth, rel=1e-8)
     assert operator_norm_bound(layer, (3, 11)) >= truth
+
+
+@pytest.mark.parametrize("package", ["lipmargin", "lipmargin.lipschitz", "lipmargin.lipschitz.estimate"])
+def test_the_old_name_feature_bound_fails_naming_feature_estimate(package: str) -> None:
+    import importlib
+
+    module = importlib.import_module(package)
+    with pytest.raises(AttributeError, match="FeatureBound was renamed FeatureEstimate"):
+        getattr(module, "FeatureBound")
+    assert getattr(module, "FeatureEstimate") is FeatureEstimate
