@@ -1,7 +1,7 @@
 """Train your own residual network with CLL through the Python API, then certify it.
 
 The model below is plain PyTorch (a residual block, LeakyReLU, average pooling, optionally a
-BatchNorm): lipmargin never needs it to be built from its own layers.  ``FeatureBound`` traces it
+BatchNorm): lipmargin never needs it to be built from its own layers.  ``FeatureEstimate`` traces it
 with torch.fx and gives differentiable power-iteration estimates of its pairwise Lipschitz
 constants for the loss; ``lipmargin.certify`` bounds the same graph soundly.
 
@@ -63,7 +63,7 @@ def train(model: nn.Module, data: str, steps: int, *, eps: float = 0.5, p: float
           penalty: float = 1e-4, seed: int = 0, root: str | None = None) -> dict[str, float]:
     ds = load_dataset(data, root, "train")
     shape = tuple(ds.input_shape)
-    estimate = lipmargin.FeatureBound(model, shape)  # power-iteration vectors for every conv/linear leaf
+    estimate = lipmargin.FeatureEstimate(model, shape)  # power-iteration vectors for every conv/linear leaf
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     model.train()

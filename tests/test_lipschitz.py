@@ -1,4 +1,4 @@
-"""Power iteration, conv operators and their adjoints, sound bounds, FeatureBound, pairwise head norms."""
+"""Power iteration, conv operators and their adjoints, sound bounds, FeatureEstimate, pairwise head norms."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from torch import nn
 from torch.testing import assert_close
 
 from lipmargin.nn.activations import GroupSort, MaxMin, Normalize
-from lipmargin.lipschitz.estimate import FeatureBound
 from lipmargin.lipschitz import (
+    FeatureEstimate,
     converge_operator_norm,
     conv2d_operator,
+    layer_rule,
     linear_operator,
     operator_norm_bound,
     operator_norm_estimate,
@@ -82,12 +83,12 @@ def test_power_iteration_of_zero_operator_is_finite() -> None:
     assert float(v.norm()) == pytest.approx(1.0, rel=1e-12)
     v = power_iteration(fwd, adj, v, 3)
     assert float(operator_norm_estimate(fwd, v)) == 0.0
-    # The same through a FeatureBound in training mode: K is 0 and finite, and the layer recovers
+    # The same through a FeatureEstimate in training mode: K is 0 and finite, and the layer recovers
     # once its weights become non-zero.
     layer = nn.Linear(4, 3)
     with torch.no_grad():
         layer.weight.zero_()
-    fb = FeatureBound([layer], (4,))
+    fb = FeatureEstimate([layer], (4,))
     k, _ = fb(5)
     assert float(k.detach()) == 0.0
     with torch.no_grad():
@@ -204,11 +205,11 @@ def test_operator_norm_bound_unknown_layer(module: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# FeatureBound
+# FeatureEstimate
 # --------------------------------------------------------------------------------------------
 
 
-def _make_feature_bound(dtype: torch.dtype = torch.float32) -> tuple[list[nn.Module], FeatureBound, list[float]]:
+def _make_feature_estimate(dtype: torch.dtype = torch.float32) -> tuple[list[nn.Module], FeatureEstimate, list[float]]:
     """Conv(k3 s2 p1) -> MaxMin -> Conv(k3) -> MaxMin -> Flatten -> Linear on (2, 7, 8), with dense truths."""
     in_shape = (2, 7, 8)
     conv1 = nn.Conv2d(2, 4, 3, stride=2, padding=1)  # (4, 4, 4): (7 + 2 - 3) / 2 + 1 = 4
@@ -225,11 +226,11 @@ def _make_feature_bound(dtype: torch.dtype = torch.float32) -> tuple[list[nn.Mod
         1.0,
         top_singular_value(linear.weight.detach()),
     ]
-    return layers, FeatureBound(layers, in_shape), truths
+    return layers, FeatureEstimate(layers, in_shape), truths
 
 
-def test_feature_bound_buffers_shaped_like_layer_inputs() -> None:
-    layers, fb, _ = _make_feature_bound()
+def test_feature_estimate_buffers_shaped_like_layer_inputs() -> None:
+    layers, fb, _ = _make_feature_estimate()
     buffers = dict(fb.named_buffers())
     assert {k: tuple(v.shape) for k, v in buffers.items()} == {"v0": (1, 2, 7, 8), "v2": (1, 4, 4, 4), "v5": (1, 24)}
     assert fb.input_shapes == [(2, 7, 8), (4, 4, 4), (4, 4, 4), (6, 2, 2), (6, 2, 2), (24,)]
@@ -238,8 +239,8 @@ def test_feature_bound_buffers_shaped_like_layer_inputs() -> None:
     assert set(fb.state_dict()) == {"v0", "v2", "v5"}
 
 
-def test_feature_bound_updates_buffers_only_in_training() -> None:
-    _, fb, _ = _make_feature_bound()
+def test_feature_estimate_updates_buffers_only_in_training() -> None:
+    _, fb, _ = _make_feature_estimate()
     before = {k: v.clone() for k, v in fb.named_buffers()}
     fb.eval()
     fb(5)
@@ -255,12 +256,21 @@ def test_feature_bound_updates_buffers_only_in_training() -> None:
         assert float(v.norm()) == pytest.approx(1.0, rel=1e-5)
 
 
-def test_feature_bound_sigma_has_gradient_to_weights_not_buffers() -> None:
-    layers, fb, _ = _make_feature_bound()
+def test_feature_estimate_sigma_has_gradient_to_weights_not_buffers() -> None:
+    layers, fb, _ = _make_feature_estimate()
     fb.train()
     k, sigmas = fb(3)
     assert sigmas.shape == (6,)
-    assert_close(k, sigmas.prod())
+    # K of a chain is the product of the per-layer estimates, each ||A v|| / ||v|| recomputed here
+    # from the advanced buffers with torch's own conv / matmul (MaxMin and Flatten count 1).
+    w0, w2, w5 = (layers[i].weight.detach() for i in (0, 2, 5))
+    v0, v2, v5 = fb.v0, fb.v2, fb.v5
+    by_hand = (
+        F.conv2d(v0, w0, None, 2, 1).norm() / v0.norm()
+        * (F.conv2d(v2, w2).norm() / v2.norm())
+        * ((v5 @ w5.T).norm() / v5.norm())
+    )
+    assert_close(k.detach(), by_hand)
     assert_close(sigmas[[1, 3, 4]], torch.ones(3))
     assert k.requires_grad
     for name, buf in fb.named_buffers():
@@ -284,8 +294,8 @@ def test_feature_bound_sigma_has_gradient_to_weights_not_buffers() -> None:
     assert_close(conv.weight.grad, g_ref)
 
 
-def test_feature_bound_converge_matches_dense_truths() -> None:
-    layers, fb, truths = _make_feature_bound(f64)
+def test_feature_estimate_converge_matches_dense_truths() -> None:
+    layers, fb, truths = _make_feature_estimate(f64)
     per_layer = fb.converge(tol=1e-14, max_iter=100_000)
     assert per_layer.dtype == f64
     assert_close(per_layer, torch.tensor(truths, dtype=f64), rtol=1e-6, atol=0)
@@ -299,27 +309,49 @@ def test_feature_bound_converge_matches_dense_truths() -> None:
     assert (sound >= torch.tensor(truths, dtype=f64)).all()
 
 
-def test_feature_bound_converge_in_float32_model() -> None:
+def test_feature_estimate_converge_in_float32_model() -> None:
     # A float32 model is converged in float64 (the vectors are written back in float32).
-    layers, fb, truths = _make_feature_bound(torch.float32)
+    layers, fb, truths = _make_feature_estimate(torch.float32)
     per_layer = fb.converge(tol=1e-14, max_iter=100_000)
     assert_close(per_layer, torch.tensor(truths, dtype=f64), rtol=1e-5, atol=0)
     assert fb.v0.dtype == torch.float32
 
 
-def test_feature_bound_estimates_below_truth_after_few_steps() -> None:
-    _, fb, truths = _make_feature_bound(f64)
+def test_feature_estimate_estimates_below_truth_after_few_steps() -> None:
+    _, fb, truths = _make_feature_estimate(f64)
     fb.train()
     for _ in range(4):
         _, sigmas = fb(1)
         assert (sigmas.detach() <= torch.tensor(truths, dtype=f64) * (1 + 1e-9)).all()
 
 
+def test_feature_estimate_of_a_diagonal_network_is_its_closed_form() -> None:
+    # Linear(diag(3, 1/2)) -> ReLU -> Linear(diag(1/4, 2)) -> ReLU -> Linear([[1, 1]]) on R^2: the
+    # per-layer norms are 3, 2 and sqrt(2) by hand, so the chain's estimate converges to
+    # 3 * 2 * sqrt(2).  The network itself is x -> 3/4 relu(x1) + relu(x2), whose Lipschitz
+    # constant ||(3/4, 1)|| = 5/4 the product (an upper estimate for a chain) must not undercut.
+    first, second, head = nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        first.weight.copy_(torch.diag(torch.tensor([3.0, 0.5], dtype=f64)).float())
+        second.weight.copy_(torch.diag(torch.tensor([0.25, 2.0], dtype=f64)).float())
+        head.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    layers = [first, nn.ReLU(), second, nn.ReLU(), head]
+    for m in layers:
+        m.to(f64)
+    estimate = FeatureEstimate(layers, (2,))
+    k, sigmas = estimate(200)
+    assert_close(sigmas.detach(), torch.tensor([3.0, 1.0, 2.0, 1.0, 2.0**0.5], dtype=f64))
+    assert_close(k.detach(), torch.tensor(3.0 * 2.0 * 2.0**0.5, dtype=f64))
+    assert float(k.detach()) >= 1.25
+    # The sound composition sits above the closed form.
+    assert estimate.compose(estimate.sound()) >= 3.0 * 2.0 * 2.0**0.5
+
+
 @pytest.mark.parametrize("bad", [nn.Softmax(dim=1), nn.PReLU(), nn.Upsample(scale_factor=1)], ids=lambda m: type(m).__name__)
-def test_feature_bound_unsupported_module_raises(bad: nn.Module) -> None:
+def test_feature_estimate_unsupported_module_raises(bad: nn.Module) -> None:
     layers = [nn.Conv2d(2, 4, 3, padding=1), bad, nn.Flatten()]
     with pytest.raises(TypeError, match=type(bad).__name__):
-        FeatureBound(layers, (2, 6, 6))
+        FeatureEstimate(layers, (2, 6, 6))
     # Also from a whole model, with the unknown layer nested inside a Sequential.
     features = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Sequential(bad, MaxMin()), nn.Flatten())
     with pytest.raises(TypeError, match=type(bad).__name__):
@@ -329,7 +361,7 @@ def test_feature_bound_unsupported_module_raises(bad: nn.Module) -> None:
 def test_conv_with_unsupported_padding_mode_raises() -> None:
     conv = nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular")
     with pytest.raises(TypeError, match="padding_mode"):
-        FeatureBound([conv], (2, 6, 6))(0)
+        FeatureEstimate([conv], (2, 6, 6))(0)
     with pytest.raises(TypeError, match="padding_mode"):
         operator_norm_bound(conv, (2, 6, 6))
 
@@ -363,3 +395,33 @@ def test_pairwise_head_norms_gradient_is_finite() -> None:
     (g_ref,) = torch.autograd.grad(ref, w)
     assert_close(grad, g_ref, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(pairwise_head_norms, (weight,))
+
+
+@pytest.mark.parametrize("conv_args", [dict(stride=2, padding=1), dict(padding="same", dilation=2), dict(stride=3)])
+def test_conv1d_operator_is_the_conv_and_converges_to_its_dense_norm(conv_args: dict) -> None:
+    g = torch.Generator().manual_seed(4)
+    layer = nn.Conv1d(3, 4, 3, **conv_args).to(f64)
+    fwd, adj = layer_rule(layer).operator(layer, (3, 11))
+    # The conv applied to every basis vector, written out here with torch's own conv1d.
+    basis = torch.eye(33, dtype=f64).reshape(33, 3, 11)
+    with torch.no_grad():
+        dense = F.conv1d(basis, layer.weight, None, layer.stride, layer.padding, layer.dilation).reshape(33, -1).t()
+        x = torch.randn(1, 3, 11, generator=g, dtype=f64)
+        assert_close(fwd(x).flatten(), dense @ x.flatten())
+        y = torch.randn(fwd(x).shape, generator=g, dtype=f64)
+        assert_close((fwd(x) * y).sum(), (x * adj(y)).sum())  # <A x, y> = <x, A^T y>
+        sigma, _ = converge_operator_norm(fwd, adj, x, tol=1e-14)
+    truth = top_singular_value(dense)
+    assert float(sigma) <= truth * (1 + 1e-12)
+    assert float(sigma) == pytest.approx(truth, rel=1e-8)
+    assert operator_norm_bound(layer, (3, 11)) >= truth
+
+
+@pytest.mark.parametrize("package", ["lipmargin", "lipmargin.lipschitz", "lipmargin.lipschitz.estimate"])
+def test_the_old_name_feature_bound_fails_naming_feature_estimate(package: str) -> None:
+    import importlib
+
+    module = importlib.import_module(package)
+    with pytest.raises(AttributeError, match="FeatureBound was renamed FeatureEstimate"):
+        getattr(module, "FeatureBound")
+    assert getattr(module, "FeatureEstimate") is FeatureEstimate

@@ -22,7 +22,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from lipmargin.models.backbones import BACKBONES
-from lipmargin.lipschitz.bounds import dense_conv_matrix
+from lipmargin.lipschitz import dense_conv_matrix
 from lipmargin.certify import model_bound
 from lipmargin.lipschitz import operator_norm_bound
 from lipmargin.models import LipschitzNet, create_model, list_models

@@ -45,10 +45,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "MaxMin",
         "Normalize",
     ),
-    "lipschitz.estimate": (
-        "FeatureBound",
-    ),
     "lipschitz": (
+        "FeatureEstimate",
         "operator_norm_bound",
         "pairwise_head_norms",
         "register_layer_rule",
@@ -86,14 +84,16 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
 
 _NAME_TO_MODULE = {name: module for module, names in _EXPORTS.items() for name in names}
 
+#: Public names that were renamed: the old name fails with an error naming the new one.
+_RENAMED = {"FeatureBound": "FeatureEstimate"}
+
 if TYPE_CHECKING:  # static type checkers see ordinary imports
     from lipmargin.certify import BOUND_METHODS, CertifyResult, ModelBound, certified_accuracy, certified_radius, certify, model_bound  # noqa: F401
     from lipmargin.checkpoint import CheckpointError, CheckpointRef  # noqa: F401
     from lipmargin.config import ConfigError, RunConfig, load_config  # noqa: F401
     from lipmargin.data import DatasetError, list_datasets, load_dataset  # noqa: F401
     from lipmargin.nn.activations import GroupSort, MaxMin, Normalize  # noqa: F401
-    from lipmargin.lipschitz.estimate import FeatureBound  # noqa: F401
-    from lipmargin.lipschitz import operator_norm_bound, pairwise_head_norms, register_layer_rule  # noqa: F401
+    from lipmargin.lipschitz import FeatureEstimate, operator_norm_bound, pairwise_head_norms, register_layer_rule  # noqa: F401
     from lipmargin.losses import CertRegLoss, CLLoss, GloRoLoss, HKRLoss, LMTLoss, cert_reg_loss, hkr_loss, lmt_loss, cll_loss, cll_sigma, gloro_eps_schedule, gloro_loss, k_scale_schedule, lipschitz_penalty  # noqa: F401
     from lipmargin.models import LipschitzNet, create_model, list_models, register_model  # noqa: F401
     from lipmargin.train import TrainingError, evaluate, fit, load_run, open_run  # noqa: F401
@@ -101,6 +101,8 @@ if TYPE_CHECKING:  # static type checkers see ordinary imports
 
 def __getattr__(name: str) -> Any:
     module = _NAME_TO_MODULE.get(name)
+    if name in _RENAMED:
+        raise AttributeError(f"{name} was renamed {_RENAMED[name]}: use lipmargin.{_RENAMED[name]}")
     if module is None:
         raise AttributeError(f"module 'lipmargin' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"lipmargin.{module}"), name)
@@ -139,7 +141,7 @@ __all__ = [
     "CheckpointRef",
     "ConfigError",
     "DatasetError",
-    "FeatureBound",
+    "FeatureEstimate",
     "GloRoLoss",
     "GroupSort",
     "LipschitzNet",

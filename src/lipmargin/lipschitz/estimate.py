@@ -1,6 +1,6 @@
 """Power-iteration estimates of a module's Lipschitz constant over its traced graph.
 
-:class:`FeatureBound` keeps one persistent power-iteration vector per affine leaf of the traced
+:class:`FeatureEstimate` keeps one persistent power-iteration vector per affine leaf of the traced
 module (a buffer shaped like the leaf's real input, batch 1) and composes the per-leaf values with
 the rules of :mod:`lipmargin.lipschitz.graph`: a plain chain gives the product of the per-layer sigmas (the
 paper's ``K``), a residual ``x + f(x)`` gives ``1 + Lip f``, and so on.  The values are
@@ -16,22 +16,23 @@ import torch
 from torch import Tensor, nn
 
 from lipmargin.lipschitz.graph import GraphPlan, ModelStructureError, compose_estimate, compose_sound, pairwise_estimate, structure_signature, trace_model
-from lipmargin.lipschitz import (
-    LayerRule,
-    _float64_operator,
-    _normalize,
-    converge_operator_norm,
-    layer_rule,
-    no_autocast,
-    operator_norm_bound,
-    operator_norm_estimate,
-    power_iteration,
-)
+from lipmargin.lipschitz.operators import float64_operator, operator_norm_bound
+from lipmargin.lipschitz.power import converge_operator_norm, no_autocast, normalize, operator_norm_estimate, power_iteration
+from lipmargin.lipschitz.rules import LayerRule, layer_rule
 
-__all__ = ["FeatureBound"]
+__all__ = ["FeatureEstimate"]
 
 
-class FeatureBound(nn.Module):
+def __getattr__(name: str) -> object:
+    if name == "FeatureBound":
+        raise AttributeError(
+            "FeatureBound was renamed FeatureEstimate (it holds power-iteration estimates, not bounds): "
+            "use lipmargin.lipschitz.estimate.FeatureEstimate"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class FeatureEstimate(nn.Module):
     """Persistent power-iteration state for the leaves of a traced module.
 
     ``module`` is an ``nn.Module`` (or a sequence of layers, applied in order); it is referenced,
@@ -42,15 +43,25 @@ class FeatureBound(nn.Module):
     mode only) and returns ``(K, sigmas)``: the composed estimate and the per-leaf values, computed
     with the vectors detached so gradients reach the weights.  A module whose structure changed
     after construction (a layer replaced or appended) raises :class:`ModelStructureError`.
+
+    >>> layer = nn.Linear(2, 2, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = layer.weight.copy_(torch.diag(torch.tensor([3.0, 1.0])))
+    >>> estimate = FeatureEstimate(nn.Sequential(layer, nn.ReLU()), input_shape=(2,))
+    >>> k, sigmas = estimate(n_iter=50)  # a fresh module is in training mode: the vectors advance
+    >>> round(float(k.detach()), 4), sigmas.shape
+    (3.0, torch.Size([2]))
+    >>> estimate.compose(estimate.sound()) >= 3.0  # the sound counterpart, for certificates
+    True
     """
 
-    def __init__(self, module: nn.Module | Sequence[nn.Module], in_shape: Sequence[int]) -> None:
+    def __init__(self, module: nn.Module | Sequence[nn.Module], input_shape: Sequence[int]) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             module = nn.Sequential(*module)
         self._module = [module]  # a list: not registered as a submodule
-        self.in_shape = tuple(int(s) for s in in_shape)
-        self._plan: GraphPlan = trace_model(module, self.in_shape, for_certificate=False)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self._plan: GraphPlan = trace_model(module, self.input_shape, for_certificate=False)
         self.input_shapes: list[tuple[int, ...]] = []
         self._vector_names: list[str | None] = []
         self._rules: list[LayerRule] = []
@@ -66,7 +77,7 @@ class FeatureBound(nn.Module):
                 name = f"v{i}"
                 mp = next(m.parameters(), None)
                 v = torch.randn(1, *shape, dtype=mp.dtype if mp is not None else dtype)
-                self.register_buffer(name, _normalize(v))
+                self.register_buffer(name, normalize(v))
                 self._vector_names.append(name)
             else:
                 self._vector_names.append(None)
@@ -191,7 +202,7 @@ class FeatureBound(nn.Module):
             shape = step.in_shape or ()
             if name is not None:
                 v = getattr(self, name)
-                fwd, adj = _float64_operator(rule, m, shape)
+                fwd, adj = float64_operator(rule, m, shape)
                 sigma, v64 = converge_operator_norm(fwd, adj, v.detach().to(torch.float64), tol=tol, max_iter=max_iter)
                 v.copy_(v64.to(v.dtype))
                 out.append(float(sigma))

@@ -34,16 +34,11 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from lipmargin.lipschitz import torch_layers  # noqa: F401  (fills the rules of torch's layers)
 from lipmargin.lipschitz.graph_ops import OP_RULES, OpRule, supported_operations
-from lipmargin.lipschitz import (
-    find_layer_rule,
-    layer_rule,
-    pairwise_head_norms,
-    pairwise_head_norms_bound,
-    supported_layers,
-)
-from lipmargin.lipschitz.rounding import SQRT2_UP
+from lipmargin.lipschitz.operators import pairwise_head_norms, pairwise_head_norms_bound
+from lipmargin.lipschitz.rules import find_layer_rule, layer_rule, supported_layers
+from lipmargin.lipschitz.torch_layers import TRAINING_MODE_REFUSED
+from lipmargin.lipschitz.rounding import SQRT2_UP, next_up
 
 __all__ = ["GraphPlan", "Step", "trace_model", "compose_sound", "compose_estimate", "check_input_shape", "ModelStructureError"]
 
@@ -168,6 +163,14 @@ def trace_model(model: nn.Module, input_shape: Sequence[int], *, for_certificate
     of two samples (under ``no_grad``) to learn every node's shape and to check that no operation
     mixes the samples of a batch.  ``for_certificate`` refuses layers in training mode
     (BatchNorm, Dropout); without it (a training estimate) they are probed on an eval-mode copy.
+
+    >>> plan = trace_model(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), (4,))
+    >>> [step.kind for step in plan.steps], plan.num_classes, plan.head
+    (['input', 'leaf', 'leaf', 'leaf'], 2, '2')
+    >>> trace_model(nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1)), (4,))
+    Traceback (most recent call last):
+    ...
+    TypeError: ...Softmax...
     """
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s < 1 for s in shape):
@@ -297,8 +300,6 @@ def check_training_mode(model: nn.Module) -> None:
 
 
 def _refuses_training(m: nn.Module) -> bool:
-    from lipmargin.lipschitz.torch_layers import TRAINING_MODE_REFUSED
-
     return isinstance(m, TRAINING_MODE_REFUSED)
 
 
@@ -320,12 +321,6 @@ def check_input_shape(plan_shape: Sequence[int], x: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 # Composition: sound (float64, every operation rounded up) and differentiable estimates
 # --------------------------------------------------------------------------------------------
-
-
-def _up(v: float) -> float:
-    """One float up: >= the exact result of the one rounded operation that gave ``v`` (a product
-    that underflowed to 0 becomes the smallest subnormal, never a false 0)."""
-    return math.nextafter(v, math.inf) if v >= 0 and math.isfinite(v) else v
 
 
 def constant_values(plan: GraphPlan, *, detach: bool) -> dict[str, Any]:
@@ -373,7 +368,7 @@ def compose_sound(plan: GraphPlan, leaf_bounds: dict[str, float]) -> dict[str, f
         if s.kind == "input":
             lip[s.name] = 1.0
         elif s.kind == "leaf":
-            lip[s.name] = _up(float(leaf_bounds[s.name]) * lip[s.inputs[0]])
+            lip[s.name] = next_up(float(leaf_bounds[s.name]) * lip[s.inputs[0]])
         elif s.kind == "op":
             lip[s.name] = _combine_float(s, lip, consts)
     return lip
@@ -384,18 +379,18 @@ def _combine_float(s: Step, lip: dict[str, float], consts: dict[str, Any]) -> fl
     if kind == "sum":
         total = 0.0
         for name, w in s.comb[1]:
-            total = _up(total + _up(abs(float(w)) * lip[name]))
+            total = next_up(total + next_up(abs(float(w)) * lip[name]))
         return total
     if kind == "scale":
         f = float(_scale_factor(s.comb, consts))
         if s.comb[3]:
-            f = _up(f)  # 1 / min|c| was one rounded division
-        return _up(f * lip[s.comb[1]])
+            f = next_up(f)  # 1 / min|c| was one rounded division
+        return next_up(f * lip[s.comb[1]])
     if kind == "rss":
         sq = 0.0
         for name in s.comb[1]:
-            sq = _up(sq + _up(lip[name] * lip[name]))
-        return _up(math.sqrt(sq))
+            sq = next_up(sq + next_up(lip[name] * lip[name]))
+        return next_up(math.sqrt(sq))
     raise AssertionError(kind)
 
 
@@ -431,7 +426,7 @@ def pairwise_from_plan(plan: GraphPlan, lip: dict[str, float]) -> tuple[float, T
         return k, pairwise
     total = lip[plan.output]
     c = plan.num_classes
-    value = _up(SQRT2_UP * total)
+    value = next_up(SQRT2_UP * total)
     pairwise = torch.full((c, c), value, dtype=torch.float64)
     pairwise.fill_diagonal_(0.0)
     return total, pairwise

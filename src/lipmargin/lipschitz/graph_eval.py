@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, fx
 
 from lipmargin.lipschitz.graph import GraphPlan, Step, _scale_factor, constant_values
-from lipmargin.lipschitz import layer_rule
+from lipmargin.lipschitz.rules import layer_rule
 from lipmargin.lipschitz.rounding import affine_error_bound, elementwise_error_bound, nonnegative_norm_bound, propagate_error, round_up, unit_roundoff
 
 __all__ = ["forward_with_error", "MODELLED_ROUNDING_FACTOR"]

@@ -3,7 +3,7 @@
 Every rule is looked up by the layer's exact type (:func:`lipmargin.lipschitz.layer_rule`).  The
 constants, each with its proof:
 
-- ``Linear`` / ``Conv1d`` / ``Conv2d``: the sound operator-norm bounds of :mod:`lipmargin.lipschitz.bounds`
+- ``Linear`` / ``Conv1d`` / ``Conv2d``: the sound operator-norm bounds of :mod:`lipmargin.lipschitz.dense` / :mod:`lipmargin.lipschitz.conv`
   (a Conv1d is a Conv2d on inputs of height 1 with a ``(1, k)`` kernel: the same linear map).
 - ``ReLU``, ``Identity``, ``Flatten``, ``Unflatten``, ``Dropout`` in eval mode: 1.
 - ``LeakyReLU(a)``: ``max(1, |a|)`` (slopes 1 and ``a``); ``ELU(alpha)``: ``max(1, |alpha|)``
@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipmargin.lipschitz.bounds import conv2d_norm_bound, linear_norm_bound
+from lipmargin.lipschitz.conv import conv2d_norm_bound
+from lipmargin.lipschitz.dense import linear_norm_bound
 from lipmargin.lipschitz.graph_ops import GELU_LIPSCHITZ
-from lipmargin.lipschitz import ROUNDING_MARGIN, _conv_op, _conv_bound, linear_operator, register_layer_rule
-from lipmargin.lipschitz.rounding import affine_error_bound, elementwise_error_bound, round_up, unit_roundoff
+from lipmargin.lipschitz.operators import checked_conv2d, conv2d_layer_operator, conv2d_operator, linear_operator
+from lipmargin.lipschitz.rounding import ROUNDING_MARGIN, affine_error_bound, next_up, elementwise_error_bound, round_up, unit_roundoff
+from lipmargin.lipschitz.rules import register_layer_rule
 
 __all__ = ["TRAINING_MODE_REFUSED", "exact_rounding", "ulps_rounding"]
 
@@ -58,10 +60,6 @@ def ulps_rounding(ulps: float):
         return elementwise_error_bound(y, ulps, y.dtype)
 
     return rounding
-
-
-def _up(v: float) -> float:
-    return math.nextafter(v, math.inf)
 
 
 # ---- affine layers ----------------------------------------------------------------------------
@@ -94,16 +92,16 @@ def _conv1d_op(m: nn.Module, in_shape: tuple[int, ...]):
     pad = c.padding if isinstance(c.padding, str) else c.padding[0]
     if isinstance(pad, str):
         pad = 0 if pad == "valid" else c.dilation[0] * (c.kernel_size[0] - 1) // 2
-    n = in_shape[-1]
-    out = (n + 2 * pad - c.dilation[0] * (c.kernel_size[0] - 1) - 1) // c.stride[0] + 1
-    op = n - ((out - 1) * c.stride[0] - 2 * pad + c.dilation[0] * (c.kernel_size[0] - 1) + 1)
-    w = c.weight
+    # Conv1d on (C, L) == Conv2d on (C, 1, L) with kernel (1, k): one operator formula for both.
+    fwd2, adj2 = conv2d_operator(
+        c.weight.unsqueeze(2), (in_shape[0], 1, in_shape[-1]), (1, c.stride[0]), (0, pad), (1, c.dilation[0]), c.groups
+    )
 
     def forward(v: Tensor) -> Tensor:
-        return F.conv1d(v, w, None, c.stride, pad, c.dilation, c.groups)
+        return fwd2(v.unsqueeze(2)).squeeze(2)
 
     def adjoint(u: Tensor) -> Tensor:
-        return F.conv_transpose1d(u, w, None, c.stride, pad, op, c.groups, c.dilation)
+        return adj2(u.unsqueeze(2)).squeeze(2)
 
     return forward, adjoint
 
@@ -118,9 +116,17 @@ def _conv1d_bound(m: nn.Module, in_shape: tuple[int, ...]) -> float:
     )
 
 
+def _conv_bound(m: nn.Module, input_shape: tuple[int, ...]) -> float:
+    c = checked_conv2d(m)  # type: ignore[arg-type]
+    return conv2d_norm_bound(
+        c.weight.detach(), tuple(input_shape), stride=c.stride, padding=c.padding,  # type: ignore[arg-type]
+        dilation=c.dilation, groups=c.groups,
+    )
+
+
 register_layer_rule(nn.Linear, operator=lambda m, s: linear_operator(m.weight),
                     bound=lambda m, s: linear_norm_bound(m.weight.detach()), rounding=_linear_rounding)
-register_layer_rule(nn.Conv2d, operator=_conv_op, bound=_conv_bound, rounding=_conv_rounding)
+register_layer_rule(nn.Conv2d, operator=conv2d_layer_operator, bound=_conv_bound, rounding=_conv_rounding)
 register_layer_rule(nn.Conv1d, operator=_conv1d_op, bound=_conv1d_bound, rounding=_conv_rounding)
 
 # ---- activations, reshapes --------------------------------------------------------------------
@@ -161,7 +167,7 @@ def _bn_bound(m: nn.Module, s: tuple[int, ...]) -> float:
     # |a_c| = |gamma| / sqrt(var + eps) in float64: the sum, sqrt, division and product each round
     # once (relative error < 5 * 2**-53 in all); ROUNDING_MARGIN covers that many times over.
     a = _bn_scale(m).abs().max()
-    return _up(float(a) * (1.0 + ROUNDING_MARGIN))
+    return next_up(float(a) * (1.0 + ROUNDING_MARGIN))
 
 
 def _bn_estimate(m: nn.Module) -> Tensor:
@@ -217,7 +223,7 @@ def _schur_uncached(pool, in_shape: tuple[int, ...]) -> float:
     rows = pool(torch.ones_like(x)).detach()  # r = P 1
     (c,) = torch.autograd.grad((pool(x) * rows).sum(), x)  # c = P^T r
     # c sums non-negative terms (relative error < n u); the margin covers it by far.
-    return _up(math.sqrt(float(c.max()) * (1.0 + ROUNDING_MARGIN)) * (1.0 + ROUNDING_MARGIN))
+    return next_up(math.sqrt(float(c.max()) * (1.0 + ROUNDING_MARGIN)) * (1.0 + ROUNDING_MARGIN))
 
 
 def _avg_pool_bound(m: nn.Module, in_shape: tuple[int, ...]) -> float:
@@ -264,7 +270,7 @@ def _coverage(spatial: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[i
     counts = F.fold(cols, padded.shape[-2:], k, dilation=d, stride=s)
     n = int(counts.max().round())
     root = math.isqrt(n)
-    return float(root) if root * root == n else _up(math.sqrt(n))
+    return float(root) if root * root == n else next_up(math.sqrt(n))
 
 
 def _max_pool_bound(m: nn.Module, in_shape: tuple[int, ...]) -> float:

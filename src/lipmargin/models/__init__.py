@@ -13,8 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lipmargin.nn.activations import MaxMin
-from lipmargin.lipschitz.estimate import FeatureBound
-from lipmargin.lipschitz import pairwise_head_norms
+from lipmargin.lipschitz import FeatureEstimate, pairwise_head_norms
 
 __all__ = [
     "LipschitzNet",
@@ -32,7 +31,7 @@ class LipschitzNet(nn.Module):
     Attributes:
         features: the feature extractor (``nn.Sequential``); every layer needs a Lipschitz rule.
         head: the final ``nn.Linear`` (C x d); its rows give the pairwise bounds.
-        bound: :class:`~lipmargin.lipschitz.FeatureBound` holding the power-iteration buffers.
+        bound: :class:`~lipmargin.lipschitz.FeatureEstimate` holding the power-iteration buffers.
         in_shape: input shape without the batch dimension.
     """
 
@@ -44,7 +43,7 @@ class LipschitzNet(nn.Module):
         self.features = features
         self.head = head
         self.in_shape = tuple(int(s) for s in in_shape)
-        self.bound = FeatureBound(features, self.in_shape)
+        self.bound = FeatureEstimate(features, self.in_shape)
         probe = features(torch.zeros(1, *self.in_shape, dtype=head.weight.dtype))
         if probe.dim() != 2 or probe.shape[1] != head.in_features:
             raise ValueError(

@@ -39,8 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipmargin.lipschitz.bounds import conv2d_norm_bound, linear_norm_bound
-from lipmargin.lipschitz import ROUNDING_MARGIN, no_autocast, register_layer_rule
+from lipmargin.lipschitz import ROUNDING_MARGIN, conv2d_norm_bound, linear_norm_bound, no_autocast, register_layer_rule
 
 __all__ = [
     "aol_linear_scale",
