@@ -13,9 +13,9 @@ from torch import nn
 from torch.testing import assert_close
 
 from lipmargin.certify import ModelBound, model_bound
-from lipmargin.nn.activations import MaxMin
+from lipmargin.nn import MaxMin
 from lipmargin.lipschitz import pairwise_head_norms
-from lipmargin.models import MODELS, LipschitzNet, create_model, list_models, register_model
+from lipmargin.models import BACKBONES, MODELS, LipschitzNet, create_model, list_models, register_model
 
 f64 = torch.float64
 
@@ -42,8 +42,6 @@ def _case_id(case: tuple) -> str:
 def test_cases_cover_every_registered_model() -> None:
     # A newly registered model must be added to MODEL_CASES so that its bound gets tested; the
     # 1-Lipschitz backbones are covered by tests/test_onelip.py (its MODEL_CASES check).
-    from lipmargin.models.backbones import BACKBONES
-
     assert {name for name, _, _ in MODEL_CASES} == set(list_models()) - set(BACKBONES)
 
 

@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from lipmargin.models.backbones import BACKBONES
 from lipmargin.lipschitz.bounds import dense_conv_matrix
 from lipmargin.certify import model_bound
 from lipmargin.lipschitz import operator_norm_bound
-from lipmargin.models import LipschitzNet, create_model, list_models
-from lipmargin.nn.onelip import (
+from lipmargin.models import BACKBONES, LipschitzNet, create_model, list_models, lipconvnet
+from lipmargin.nn import (
     AOLConv2d,
     AOLLinear,
     ChannelPad,
@@ -107,7 +106,7 @@ def _adam_steps(layer: nn.Module, shape: tuple[int, ...], steps: int = 5, lr: fl
     return layer.eval()
 
 
-# (name, factory, input shape): every layer of lipmargin.nn.onelip on a tiny input.
+# (name, factory, input shape): every layer of the 1-Lipschitz families of lipmargin.nn on a tiny input.
 LAYER_CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("aol-linear", lambda: AOLLinear(6, 4), (6,)),
     ("aol-linear-wide", lambda: AOLLinear(3, 7), (3,)),
@@ -172,9 +171,10 @@ def test_bound_is_above_jacobian_and_pair_ratios(case: str, trained: bool) -> No
 
 
 def test_every_layer_class_is_covered() -> None:
-    import lipmargin.nn.onelip as onelip
+    from lipmargin.nn import aol, cpl, householder, pooling, reshape, sll, soc
 
-    classes = {getattr(onelip, n) for n in onelip.__all__ if isinstance(getattr(onelip, n), type)}
+    families = (aol, cpl, householder, pooling, reshape, sll, soc)
+    classes = {getattr(f, n) for f in families for n in f.__all__ if isinstance(getattr(f, n), type)}
     covered = {type(_make(name)[0]) for name, _, _ in LAYER_CASES}
     assert classes == covered
 
@@ -620,8 +620,6 @@ def test_lipconvnet_layout() -> None:
 
 def test_backbones_reject_bad_options() -> None:
     with pytest.raises(ValueError, match="multiple of 5"):
-        from lipmargin.models.backbones import lipconvnet
-
         lipconvnet((1, 32, 32), 10, depth=7)
     with pytest.raises(ValueError, match="divisible"):
         create_model("aol-s", (1, 30, 30), 10)
