@@ -39,6 +39,10 @@ def aol_net(
     Deviations from the paper's AOL-S (base width 16, five stages down to 1x1, then 1x1 AOL convs
     and a truncation to the class scores): ``stages`` stages only (2 by default: 28x28 -> 7x7),
     the channel reduction + dense AOL layer in place of the 1x1 tail, and a plain linear head.
+
+    >>> net = aol_net((1, 4, 4), 2, width=2, depth=2, stages=1, reduce_channels=2, dense_features=2)
+    >>> [type(m).__name__ for m in net.features]
+    ['InvertibleDownsample', 'AOLConv2d', 'MaxMin', 'AOLConv2d', 'MaxMin', 'AOLConv2d', 'MaxMin', 'Flatten', 'AOLLinear', 'MaxMin']
     """
     c, h, w = _image_shape(input_shape, "aol")
     if stages < 1 or depth < 1:

@@ -50,6 +50,10 @@ def lipconvnet(
     Deviations: inputs whose sides are not multiples of 32 are zero-padded (centred) to the next
     multiple (28x28 -> 32x32; an isometry); the activation defaults to MaxMin (the CLL runs used
     ``activation='householder'``, the paper's HH1); the head is a plain linear layer.
+
+    >>> net = lipconvnet((1, 28, 28), 2, depth=5, width=1)  # 28x28 is zero-padded to 32x32
+    >>> [type(m).__name__ for m in net.features][:4]
+    ['ZeroPadding', 'InvertibleDownsample', 'SOCConv2d', 'MaxMin']
     """
     c, h, w = _image_shape(input_shape, f"lipconvnet-{depth}")
     if depth < 5 or depth % 5:

@@ -44,6 +44,13 @@ class AOLLinear(nn.Module):
 
     ``y = W diag(d) x + b`` with ``d = aol_linear_scale(W)``: spectral norm <= 1 for every ``W``.
     Initialised orthogonal, so that ``d = 1`` and the layer starts exactly orthogonal.
+
+    >>> import torch
+    >>> layer = AOLLinear(4, 3).double()
+    >>> with torch.no_grad():
+    ...     _ = layer.weight.normal_()  # any weight: the rescaled one has spectral norm <= 1
+    >>> bool(torch.linalg.matrix_norm(layer.effective_weight().detach(), 2) <= 1 + 1e-12)
+    True
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:

@@ -129,6 +129,14 @@ class CPLLinear(_ConvexPotential):
     from :func:`cpl_step_size` with a persistent power iteration (``power_iters`` steps per
     training forward, ``init_iters`` at construction); in eval mode it is clamped by a sound norm
     bound.  See :class:`_ConvexPotential` for why the estimate cannot break a certificate.
+
+    >>> import torch
+    >>> from lipmargin.lipschitz import operator_norm_bound
+    >>> layer = CPLLinear(4, 6).eval()
+    >>> layer(torch.randn(2, 4)).shape
+    torch.Size([2, 4])
+    >>> operator_norm_bound(layer, (4,)) <= 1 + 1e-6
+    True
     """
 
     def __init__(

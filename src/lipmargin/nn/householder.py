@@ -25,6 +25,11 @@ class HouseHolder(nn.Module):
     1-Lipschitz: the map is continuous (on ``v.z = 0`` the reflection is the identity) and on each
     side of that line an orthogonal map.  A segment from ``a`` to ``b`` crosses the line at most
     once, at ``c``; then ``||f(a) - f(b)|| <= ||f(a) - f(c)|| + ||f(c) - f(b)|| = ||a - b||``.
+
+    >>> import torch
+    >>> act = HouseHolder(2)  # at initialisation each pair (a, b) becomes (min, max)
+    >>> torch.allclose(act(torch.tensor([[3.0, 1.0]])), torch.tensor([[1.0, 3.0]]))
+    True
     """
 
     def __init__(self, channels: int) -> None:

@@ -25,6 +25,12 @@ class ScaledAvgPool2d(nn.Module):
     ``y_o^2 <= sum_{p in window o} x_p^2``, and each pixel lies in at most
     ``ceil(k_h/s_h) ceil(k_w/s_w)`` windows, so ``||y|| <= sqrt(ceil(k_h/s_h) ceil(k_w/s_w)) ||x||``
     (exactly 1 for non-overlapping windows, attained by a constant image).
+
+    >>> import torch
+    >>> ScaledAvgPool2d(2)(torch.ones(1, 1, 2, 2)).item()  # 4 ones, divided by sqrt(4)
+    2.0
+    >>> ScaledAvgPool2d(3, stride=1).lipschitz_constant()  # each pixel in up to 9 windows
+    3.0
     """
 
     def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None) -> None:

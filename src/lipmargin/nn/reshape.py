@@ -15,6 +15,10 @@ class InvertibleDownsample(nn.Module):
     """Space-to-depth (``pixel_unshuffle``): ``(C, H, W) -> (C f^2, H/f, W/f)``, a permutation (norm 1).
 
     The 'invertible downsampling' of the SOC LipConvNets and the AOL nets ('concatenation pooling').
+
+    >>> import torch
+    >>> InvertibleDownsample(2)(torch.arange(4.0).view(1, 1, 2, 2)).shape
+    torch.Size([1, 4, 1, 1])
     """
 
     def __init__(self, factor: int = 2) -> None:
@@ -34,7 +38,12 @@ class InvertibleDownsample(nn.Module):
 
 
 class ChannelPad(nn.Module):
-    """Append zero channels up to ``channels``: an isometric embedding (norm 1)."""
+    """Append zero channels up to ``channels``: an isometric embedding (norm 1).
+
+    >>> import torch
+    >>> ChannelPad(3)(torch.ones(1, 1, 2)).tolist()
+    [[[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]]
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -51,7 +60,12 @@ class ChannelPad(nn.Module):
 
 
 class ZeroPadding(nn.Module):
-    """Zero-pad the two spatial dims by ``(left, right, top, bottom)``: an isometric embedding."""
+    """Zero-pad the two spatial dims by ``(left, right, top, bottom)``: an isometric embedding.
+
+    >>> import torch
+    >>> ZeroPadding(1, 0, 0, 1)(torch.ones(1, 1, 1, 1)).tolist()
+    [[[[0.0, 1.0], [0.0, 0.0]]]]
+    """
 
     def __init__(self, left: int, right: int, top: int, bottom: int) -> None:
         super().__init__()

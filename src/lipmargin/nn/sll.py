@@ -64,6 +64,14 @@ class SLLLinear(nn.Module):
 
     ``W`` is ``(inner_features, features)``; ``T`` from :func:`sll_linear_scale` with learnable
     log-weights ``q`` (initialised to 0, i.e. the AOL-like choice ``q = 1``).
+
+    >>> import torch
+    >>> from lipmargin.lipschitz import operator_norm_bound
+    >>> layer = SLLLinear(4, 6).eval()
+    >>> layer(torch.randn(2, 4)).shape
+    torch.Size([2, 4])
+    >>> operator_norm_bound(layer, (4,)) <= 1 + 1e-6
+    True
     """
 
     def __init__(self, features: int, inner_features: int, bias: bool = True) -> None:

@@ -130,6 +130,14 @@ class SOCConv2d(nn.Module):
     high-dimensional kernel move quickly), which can make ``||A||`` several times larger than
     intended and the 12-term series far from orthogonal; the cap keeps the certified function
     near-orthogonal and changes nothing while the estimates are good (``||A||`` is about 1 then).
+
+    >>> import torch
+    >>> from lipmargin.lipschitz import operator_norm_bound
+    >>> layer = SOCConv2d(2, 3, 3).eval()
+    >>> layer(torch.randn(1, 2, 4, 4)).shape
+    torch.Size([1, 3, 4, 4])
+    >>> 1.0 <= operator_norm_bound(layer, (2, 4, 4)) < 1.001  # ||A|| <= 2: a tiny series tail
+    True
     """
 
     def __init__(
@@ -260,6 +268,11 @@ def soc_bound_from_norm(a: float, terms: int) -> float:
 
     ``exp(A)`` is orthogonal, so by the triangle inequality the truncation differs from a norm-1
     operator by at most the tail; the triangle inequality on the series itself gives ``exp(a)``.
+
+    >>> soc_bound_from_norm(0.0, 6)  # A = 0: the identity, up to the rounding margin
+    1.000000001
+    >>> 1.000226 < soc_bound_from_norm(1.0, 6) < 1.000227  # 1 + e - sum_{k <= 6} 1/k!
+    True
     """
     return min(1.0 + exp_series_tail_bound(a, terms), math.exp(a) if a < 700 else math.inf) * (1.0 + ROUNDING_MARGIN)
 
