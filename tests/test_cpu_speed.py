@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from lipmargin import create_model
 from lipmargin.config import ConfigError, RunConfig, load_config
 from lipmargin.data import ArrayDataset, stratified_subset
-from lipmargin.nn.activations import GroupSort, MaxMin, max_min_pairs
-from lipmargin.nn import CPLConv2d, SOCConv2d
+from lipmargin.nn import CPLConv2d, GroupSort, MaxMin, SOCConv2d, max_min_pairs
 from lipmargin.train import (
     TrainingError,
     TrainStep,

@@ -184,7 +184,7 @@ def test_output_shape_and_pairwise_lipschitz(trained: Trained) -> None:
     k, _ = model.feature_lipschitz()
     # A power-iteration estimate: positive and (up to float32 rounding) below the sound bound,
     # which is computed independently (sound per-layer norm bounds in float64).
-    assert 0 < float(k) <= trained.sound.feature * (1 + 1e-5)
+    assert 0 < float(k.detach()) <= trained.sound.feature * (1 + 1e-5)
     w = model.head.weight.detach()
     assert_close(model.pairwise_lipschitz(k).detach(), k.detach() * torch.cdist(w, w))  # K ||W_i - W_j||
     # The power-iteration vectors travel with the model's state.

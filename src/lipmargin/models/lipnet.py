@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from lipmargin.lipschitz import pairwise_head_norms
@@ -41,11 +40,12 @@ class LipschitzNet(nn.Module):
         self.head = head
         self.in_shape = tuple(int(s) for s in input_shape)
         self.bound = FeatureBound(features, self.in_shape)
-        probe = features(torch.zeros(1, *self.in_shape, dtype=head.weight.dtype))
-        if probe.dim() != 2 or probe.shape[1] != head.in_features:
-            raise ValueError(
-                f"features produce shape {tuple(probe.shape[1:])} but the head expects ({head.in_features},)"
-            )
+        # The traced plan knows the features' output size; running the features again here would
+        # advance the power iterations of training-mode layers (CPL, SOC) of the caller's modules.
+        width = self.bound.plan.num_classes  # (B, d) outputs: d; any other rank: 0
+        if width != head.in_features:
+            produced = f"shape ({width},)" if width else "an output that is not (batch, d)"
+            raise ValueError(f"features produce {produced} but the head expects ({head.in_features},)")
 
     @property
     def num_classes(self) -> int:
@@ -79,7 +79,7 @@ def _init(module: nn.Module) -> None:
 def _image_shape(input_shape: Sequence[int], name: str) -> tuple[int, int, int]:
     """``(C, H, W)`` of an image input, or a ``ValueError`` naming the model."""
     if len(input_shape) != 3:
-        raise ValueError(f"{name} expects image inputs (C, H, W); got in_shape {tuple(input_shape)}")
+        raise ValueError(f"{name} expects image inputs (C, H, W); got input shape {tuple(input_shape)}")
     c, h, w = (int(s) for s in input_shape)
     return c, h, w
 
