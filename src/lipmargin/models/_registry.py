@@ -67,6 +67,16 @@ def register_variant(
     ``defaults`` are the options a user may set (and their values for this size); ``fixed`` are
     arguments the size pins (e.g. the depth of ``lipconvnet-10``).  An unknown option is a
     ``TypeError`` naming the options the model takes.
+
+    >>> from lipmargin.models import MODELS, mlp
+    >>> register_variant("doc-mlp-s", "a small MLP", mlp, defaults={"widths": (8,)})
+    >>> create_model("doc-mlp-s", (2,), 2).features[0]
+    Linear(in_features=2, out_features=8, bias=True)
+    >>> create_model("doc-mlp-s", (2,), 2, depth=3)
+    Traceback (most recent call last):
+    ...
+    TypeError: model 'doc-mlp-s' got unknown options ['depth']; it takes ['widths']
+    >>> _ = MODELS.pop("doc-mlp-s")  # leave the registry as it was
     """
     pinned = dict(fixed or {})
     if set(pinned) & set(defaults):
