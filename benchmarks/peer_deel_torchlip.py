@@ -186,7 +186,7 @@ def to_lipschitz_net(exported: nn.Sequential, in_shape: tuple[int, int, int]) ->
                 raise TypeError(f"no Lipschitz rule for {m} (only L2 pooling over disjoint windows)")
             feats.append(DisjointL2Pool2d(tuple(k)))  # channel-wise: perm carries through
         elif isinstance(m, nn.PixelUnshuffle):
-            from lipmargin.nn.onelip import InvertibleDownsample  # only for --deel-pool invertible
+            from lipmargin.nn import InvertibleDownsample  # only for --deel-pool invertible
 
             f = m.downscale_factor
             feats.append(InvertibleDownsample(f))

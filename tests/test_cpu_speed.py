@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from lipmargin import create_model
 from lipmargin.config import ConfigError, RunConfig, load_config
 from lipmargin.data import ArrayDataset, stratified_subset
-from lipmargin.nn.activations import GroupSort, MaxMin, max_min_pairs
-from lipmargin.nn.onelip import CPLConv2d, SOCConv2d
+from lipmargin.nn import CPLConv2d, GroupSort, MaxMin, SOCConv2d, max_min_pairs
 from lipmargin.train import (
     TrainingError,
     TrainStep,
@@ -306,7 +305,7 @@ def test_run_config_default_keeps_every_sample():
 @pytest.mark.parametrize(("channels", "kernel", "size"), [(6, 3, (2, 2)), (4, 3, (1, 2)), (8, 1, (1, 1))])
 @pytest.mark.parametrize("training", [True, False])
 def test_soc_dense_path_matches_the_conv_series(channels, kernel, size, training):
-    from lipmargin.nn.onelip import conv_matrix
+    from lipmargin.nn import conv_matrix
 
     torch.manual_seed(0)
     dense = SOCConv2d(channels, channels, kernel, init_iters=5).double().train(training)

@@ -13,9 +13,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from lipmargin.certify import ModelBound, model_bound
-from lipmargin.nn.activations import MaxMin
-from lipmargin.lipschitz import pairwise_head_norms
-from lipmargin.models import MODELS, LipschitzNet, create_model, list_models, register_model
+from lipmargin.nn import MaxMin
+from lipmargin.models import BACKBONES, MODELS, LipschitzNet, create_model, list_models, register_model
 
 f64 = torch.float64
 
@@ -42,8 +41,6 @@ def _case_id(case: tuple) -> str:
 def test_cases_cover_every_registered_model() -> None:
     # A newly registered model must be added to MODEL_CASES so that its bound gets tested; the
     # 1-Lipschitz backbones are covered by tests/test_onelip.py (its MODEL_CASES check).
-    from lipmargin.models.backbones import BACKBONES
-
     assert {name for name, _, _ in MODEL_CASES} == set(list_models()) - set(BACKBONES)
 
 
@@ -174,8 +171,8 @@ def test_sound_bound_is_above_power_estimate(trained: Trained) -> None:
     assert sound.feature == pytest.approx(math.prod(sound.per_layer), rel=1e-9)
     assert power.feature == pytest.approx(math.prod(power.per_layer), rel=1e-12)
     assert sound.lipschitz == float(sound.pairwise.max())
-    expected = power.feature * pairwise_head_norms(trained.model.head.weight.detach().double())
-    assert_close(power.pairwise, expected, rtol=1e-8, atol=0)
+    w = trained.model.head.weight.detach().double()
+    assert_close(power.pairwise, power.feature * torch.cdist(w, w), rtol=1e-8, atol=0)  # ||W_i - W_j||
     assert torch.equal(torch.diagonal(sound.pairwise), torch.zeros(NUM_CLASSES, dtype=f64))
 
 
@@ -184,11 +181,39 @@ def test_output_shape_and_pairwise_lipschitz(trained: Trained) -> None:
     x = torch.rand(3, *model.in_shape)
     assert model(x).shape == (3, NUM_CLASSES)
     assert model.num_classes == NUM_CLASSES
-    k, sigmas = model.feature_lipschitz()
-    assert_close(k, sigmas.prod())
-    assert_close(model.pairwise_lipschitz(k), k * pairwise_head_norms(model.head.weight))
+    k, _ = model.feature_lipschitz()
+    # A power-iteration estimate: positive and (up to float32 rounding) below the sound bound,
+    # which is computed independently (sound per-layer norm bounds in float64).
+    assert 0 < float(k.detach()) <= trained.sound.feature * (1 + 1e-5)
+    w = model.head.weight.detach()
+    assert_close(model.pairwise_lipschitz(k).detach(), k.detach() * torch.cdist(w, w))  # K ||W_i - W_j||
     # The power-iteration vectors travel with the model's state.
     assert any(key.startswith("bound.v") for key in model.state_dict())
+
+
+def _known_net() -> LipschitzNet:
+    """Features ``0.5 Q MaxMin(diag(3, 2, 1, 0.5) x)`` (``Q`` orthogonal): layer norms 3, 1, 0.5."""
+    first, last = nn.Linear(4, 4, bias=False, dtype=f64), nn.Linear(4, 4, bias=False, dtype=f64)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=f64))
+    with torch.no_grad():
+        first.weight.copy_(torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=f64)))
+        last.weight.copy_(0.5 * q)
+    return LipschitzNet(nn.Sequential(first, MaxMin(), last), nn.Linear(4, 3, dtype=f64), (4,))
+
+
+def test_feature_estimate_converges_to_the_closed_form() -> None:
+    model = _known_net().train()
+    k0, _ = model.feature_lipschitz(1)
+    assert 0 < float(k0.detach()) <= 1.5 * (1 + 1e-12)  # an estimate from below after one step
+    k, sigmas = model.feature_lipschitz(200)
+    # per-layer norms 3 (the largest diagonal entry), 1 (MaxMin) and 0.5 (half an orthogonal matrix)
+    assert sorted(float(s) for s in sigmas.detach()) == pytest.approx([0.5, 1.0, 3.0], rel=1e-12)
+    assert float(k.detach()) == pytest.approx(1.5, rel=1e-12)
+    # K = sigma_1(W1) * 0.5 carries gradients: d sigma_1 / dW1 = u v^T = e_1 e_1^T
+    (grad,) = torch.autograd.grad(k, model.features[0].weight)
+    expected = torch.zeros(4, 4, dtype=f64)
+    expected[0, 0] = 0.5
+    assert_close(grad, expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["4C3F", "6C2F", "8C2F", "2C2F"])
@@ -235,6 +260,13 @@ def test_create_model_rejects_bad_arguments() -> None:
         create_model("8C2F", (1, 8, 8), 2)
     with pytest.raises(ValueError, match="even"):
         create_model("mlp", (4,), 2, widths=(5,))
+
+
+def test_unknown_option_is_a_type_error_naming_the_options() -> None:
+    with pytest.raises(TypeError, match=r"unknown options \['widht'\]; it takes \['dense_width', 'width'\]"):
+        create_model("4C3F", (1, 28, 28), 10, widht=8)
+    with pytest.raises(TypeError, match="depth"):  # the depth of lipconvnet-10 is its name, not an option
+        create_model("lipconvnet-10", (1, 32, 32), 10, depth=5)
 
 
 def test_register_model_rejects_duplicates_and_registers_factories() -> None:

@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from lipmargin.models.backbones import BACKBONES
 from lipmargin.lipschitz import dense_conv_matrix
 from lipmargin.certify import model_bound
 from lipmargin.lipschitz import operator_norm_bound
-from lipmargin.models import LipschitzNet, create_model, list_models
-from lipmargin.nn.onelip import (
+from lipmargin.models import BACKBONES, LipschitzNet, create_model, list_models, lipconvnet
+from lipmargin.nn import (
     AOLConv2d,
     AOLLinear,
     ChannelPad,
@@ -75,6 +74,13 @@ def _jacobian_norm(layer: nn.Module, shape: tuple[int, ...], n_points: int, seed
     return best
 
 
+def _dense_map(layer: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """The Jacobian at 0 of a float64 layer without bias, i.e. its matrix, found by autograd
+    through the forward pass (independent of the weight transforms the bounds read)."""
+    zero = torch.zeros(math.prod(shape), dtype=f64)
+    return torch.autograd.functional.jacobian(lambda z: layer(z.view(1, *shape)).flatten(), zero)
+
+
 def _ascent_ratio(layer: nn.Module, shape: tuple[int, ...], seed: int, steps: int = 12, n: int = 4) -> float:
     """Largest ``||f(x) - f(x')|| / ||x - x'||`` seen while Adam maximises it over both points."""
     g = torch.Generator().manual_seed(seed)
@@ -107,7 +113,7 @@ def _adam_steps(layer: nn.Module, shape: tuple[int, ...], steps: int = 5, lr: fl
     return layer.eval()
 
 
-# (name, factory, input shape): every layer of lipmargin.nn.onelip on a tiny input.
+# (name, factory, input shape): every layer of the 1-Lipschitz families of lipmargin.nn on a tiny input.
 LAYER_CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("aol-linear", lambda: AOLLinear(6, 4), (6,)),
     ("aol-linear-wide", lambda: AOLLinear(3, 7), (3,)),
@@ -172,9 +178,11 @@ def test_bound_is_above_jacobian_and_pair_ratios(case: str, trained: bool) -> No
 
 
 def test_every_layer_class_is_covered() -> None:
-    import lipmargin.nn.onelip as onelip
+    import lipmargin.nn
+    from lipmargin.nn import activations  # MaxMin, GroupSort, Normalize: tests/test_lipschitz.py
 
-    classes = {getattr(onelip, n) for n in onelip.__all__ if isinstance(getattr(onelip, n), type)}
+    public = {getattr(lipmargin.nn, n) for n in lipmargin.nn.__all__}
+    classes = {c for c in public if isinstance(c, type)} - {getattr(activations, n) for n in activations.__all__}
     covered = {type(_make(name)[0]) for name, _, _ in LAYER_CASES}
     assert classes == covered
 
@@ -221,7 +229,7 @@ def test_aol_linear_dense_truth() -> None:
     w = layer.effective_weight().detach()
     x = torch.randn(3, 9, dtype=f64)
     assert_close(layer(x), x @ w.t())
-    truth = float(torch.linalg.matrix_norm(w, 2))
+    truth = float(torch.linalg.matrix_norm(_dense_map(layer, (9,)), 2))
     bound = operator_norm_bound(layer, (9,))
     assert truth <= bound <= truth * (1 + 1e-8)
     assert truth <= 1 + 1e-12
@@ -240,7 +248,7 @@ def test_aol_conv_dense_truth(c_in: int, c_out: int, k: int, size: int) -> None:
     mat = dense_conv_matrix(kernel, shape, padding=k // 2)
     x = torch.randn(2, *shape, dtype=f64)
     assert_close(layer(x).flatten(1), x.flatten(1) @ mat.t())
-    truth = float(torch.linalg.matrix_norm(mat, 2))
+    truth = float(torch.linalg.matrix_norm(_dense_map(layer, shape), 2))
     bound = operator_norm_bound(layer, shape)
     assert truth <= bound <= truth * (1 + 1e-6)
     assert truth <= 1 + 1e-12  # the AOL theorem, also with zero padding
@@ -278,10 +286,14 @@ def test_soc_matches_dense_truncated_series(c_in: int, c_out: int, k: int, size:
     assert torch.equal(a, -a.t())  # exactly skew-symmetric
     x = torch.randn(2, *shape, dtype=f64)
     assert_close(layer(x).flatten(1), x.flatten(1) @ full.t())
+    bound = operator_norm_bound(layer, shape)
+    # soundness against the layer's own function (autograd through the forward pass) ...
+    layer_map = _dense_map(layer.eval(), shape)
+    assert_close(layer_map, full)
+    assert float(torch.linalg.matrix_norm(layer_map, 2)) <= bound
+    # ... and tightness against the square series the bound describes (channels zero-padded)
     square = _soc_dense(layer, (layer.channels, size, size), layer.eval_terms)[1]
     truth = float(torch.linalg.matrix_norm(square, 2))
-    bound = operator_norm_bound(layer, shape)
-    assert float(torch.linalg.matrix_norm(full, 2)) <= bound
     assert truth <= bound <= truth * 1.03
 
 
@@ -290,8 +302,7 @@ def test_soc_bound_is_computed_not_assumed() -> None:
     torch.manual_seed(2)
     layer = SOCConv2d(3, 3, 3, bias=False, correction=2.5, eval_terms=3, eval_max_norm=10.0).double().eval()
     shape = (3, 4, 4)
-    _, full = _soc_dense(layer, shape, 3)
-    truth = float(torch.linalg.matrix_norm(full, 2))
+    truth = float(torch.linalg.matrix_norm(_dense_map(layer, shape), 2))
     bound = operator_norm_bound(layer, shape)
     assert truth > 1.05
     assert truth <= bound
@@ -620,8 +631,6 @@ def test_lipconvnet_layout() -> None:
 
 def test_backbones_reject_bad_options() -> None:
     with pytest.raises(ValueError, match="multiple of 5"):
-        from lipmargin.models.backbones import lipconvnet
-
         lipconvnet((1, 32, 32), 10, depth=7)
     with pytest.raises(ValueError, match="divisible"):
         create_model("aol-s", (1, 30, 30), 10)

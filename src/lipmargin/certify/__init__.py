@@ -120,7 +120,7 @@ def _power_leaves(plan: GraphPlan, model: nn.Module) -> dict[str, float]:
 
 @register_bound_method("sound", sound=True)
 def _sound_leaves(plan: GraphPlan, model: nn.Module) -> dict[str, float]:
-    """Per-leaf bounds provably >= each leaf's Lipschitz constant (lipmargin.lipschitz.bounds)."""
+    """Per-leaf bounds provably >= each leaf's Lipschitz constant (lipmargin.lipschitz.dense, lipmargin.lipschitz.conv)."""
     return {s.name: operator_norm_bound(plan.module(s), s.in_shape or ()) for s in plan.leaves}
 
 

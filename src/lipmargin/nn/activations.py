@@ -67,6 +67,10 @@ def max_min_pairs(x: Tensor, *, interleaved: bool = False) -> Tensor:
 
     Pairs are channels ``(i, i + C/2)`` (MaxMin), or ``(2i, 2i + 1)`` with ``interleaved``
     (GroupSort with groups of two).  NaN propagates as in ``torch.maximum`` / ``torch.minimum``.
+
+    >>> import torch
+    >>> max_min_pairs(torch.tensor([[1.0, 4.0, 3.0, 2.0]]), interleaved=True).tolist()
+    [[4.0, 1.0, 3.0, 2.0]]
     """
     if x.dim() < 2 or x.shape[1] % 2:
         raise ValueError(f"max_min_pairs needs an even number of channels in dim 1, got shape {tuple(x.shape)}")
@@ -82,6 +86,10 @@ class GroupSort(nn.Module):
 
     Sorting is a permutation chosen per input; it is piecewise a permutation matrix and
     continuous, hence 1-Lipschitz in L2 (and gradient-norm preserving).
+
+    >>> import torch
+    >>> GroupSort(2)(torch.tensor([[1.0, 4.0, 3.0, 2.0]])).tolist()
+    [[4.0, 1.0, 3.0, 2.0]]
     """
 
     def __init__(self, group_size: int = 2) -> None:
@@ -110,6 +118,10 @@ class MaxMin(nn.Module):
     For each coordinate pair, ``(a, b) -> (max, min)`` is the identity or a swap, so the map is
     piecewise a permutation and continuous: 1-Lipschitz in L2 (this is GroupSort with groups of
     two, pairing channel i with channel i + C/2 as in the CLL research code).
+
+    >>> import torch
+    >>> MaxMin()(torch.tensor([[1.0, 4.0, 3.0, 2.0]])).tolist()
+    [[3.0, 4.0, 1.0, 2.0]]
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -123,6 +135,10 @@ class Normalize(nn.Module):
     """Per-channel ``(x - mean) / std`` as a layer inside the model, so ``eps`` stays in pixel space.
 
     Lipschitz constant: ``max_c 1 / std_c`` (a diagonal scaling; the shift does not count).
+
+    >>> import torch
+    >>> Normalize(mean=[0.5], std=[0.25])(torch.ones(1, 1, 1, 1)).item()
+    2.0
     """
 
     mean: Tensor
