@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lipmargin.certify import certified_fraction
+
 if TYPE_CHECKING:
-    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = [
@@ -81,13 +82,12 @@ def certified_accuracy_steps(radius: ArrayLike, correct: ArrayLike) -> tuple[np.
     ``eps`` runs from 0 to the largest finite radius of a correct sample (1 when there is none).
     """
     r, c = _radius_and_correct(radius, correct)
-    n = max(r.size, 1)
-    hits = np.sort(r[c])  # (n_correct,) radii of the samples that can be certified
+    hits = r[c]  # (n_correct,) radii of the samples that can be certified
     finite = hits[np.isfinite(hits)]
     end = float(finite.max()) if finite.size else 1.0
     eps = np.unique(np.concatenate([[0.0], finite[finite > 0], [end]]))  # (M,)
-    # Count of correct radii > eps: everything above the right insertion point.
-    accuracy = (hits.size - np.searchsorted(hits, eps, side="right")) / n
+    # THE certified-accuracy formula, evaluated at every step of the curve.
+    accuracy = certified_fraction(torch.from_numpy(r), torch.from_numpy(c), torch.from_numpy(eps)).numpy()
     return eps, accuracy
 
 

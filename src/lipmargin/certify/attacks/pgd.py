@@ -226,6 +226,18 @@ def pgd_l2(
         ``x_adv`` shaped like ``inputs``, with ``||x_adv - x||_2 <= eps`` per sample and inside
         ``clamp``.  For a sample that was misclassified at some evaluated point, the first such
         point; otherwise the evaluated point with the highest loss (``x`` itself included).
+
+    Example: ``f(x) = W x`` with ``W = [[3, 0], [0, 4]]`` at ``x = (0.6, 0.4)`` has margin 0.2 and
+    ``||W_0 - W_1|| = 5``, so the nearest error is at distance 0.04: PGD cannot flip the sample
+    within 0.03 and finds an error within 0.05.
+
+    >>> model = nn.Linear(2, 2, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = model.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
+    >>> x, y = torch.tensor([[0.6, 0.4]]), torch.tensor([0])
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> [model(pgd_l2(model, x, y, eps, generator=gen)).argmax(1).item() for eps in (0.03, 0.05)]
+    [0, 1]
     """
     x_adv, _ = _pgd_l2(
         model,
