@@ -153,7 +153,7 @@ def audit_model(
         robust_acc[float(e)] = float(robust.sum()) / max(n, 1)
 
     # Each certified sample at (just inside) its own radius: the strongest claim the bound makes.
-    own = correct & torch.isfinite(radius) & (radius > 0)
+    own = certified_mask(radius, correct, 0.0) & torch.isfinite(radius)
     idx = own.nonzero().flatten()
     stage(len(eps) + 1, f"{'+'.join(attacks)} at each sample's own radius", int(idx.numel()))
     if idx.numel():
