@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lipmargin.certify.audit import audit_model
+from lipmargin.certify import audit_model
 from lipmargin.certify import model_bound
 from lipmargin.config import ConfigError, config_to_dict, load_preset
 from lipmargin.data import load_dataset, to_float

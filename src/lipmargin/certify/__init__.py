@@ -16,6 +16,7 @@ Modules:
 
 from __future__ import annotations
 
+from lipmargin.certify.audit import AuditResult, audit_model
 from lipmargin.certify.core import (
     BOUND_METHODS,
     CertifyResult,
@@ -29,6 +30,7 @@ from lipmargin.certify.core import (
 from lipmargin.certify.radius import certified_accuracy, certified_fraction, certified_mask, certified_radius
 
 __all__ = [
+    "AuditResult",
     "BOUND_METHODS",
     "CertifyResult",
     "ModelBound",
@@ -37,20 +39,9 @@ __all__ = [
     "certified_fraction",
     "certified_mask",
     "certified_radius",
+    "audit_model",
     "certify",
     "model_bound",
     "model_estimate",
     "register_bound_method",
 ]
-
-#: Public names of :mod:`lipmargin.certify.audit`, imported on first use (the audit pulls in the
-#: attacks, which ``certify`` alone does not need).
-_AUDIT_NAMES = frozenset({"AuditResult", "audit_model"})
-
-
-def __getattr__(name: str) -> object:
-    if name in _AUDIT_NAMES:
-        from lipmargin.certify import audit
-
-        return getattr(audit, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
