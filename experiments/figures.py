@@ -18,7 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 
 from lipmargin.report import plots  # noqa: E402
-from lipmargin.report import _decision_regions_figure, load_certificates  # noqa: E402
+from lipmargin.report import load_certificates  # noqa: E402
+from lipmargin.report.run import _decision_regions_figure  # noqa: E402
 
 RADII = [36 / 255, 72 / 255, 108 / 255, 0.5, 1.0]
 

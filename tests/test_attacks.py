@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from lipmargin.certify.attacks import (
     radius_groups,
     LOSSES,
-    LowerBoundResult,
+    LipschitzLowerResult,
     autoattack_l2,
-    lipschitz_lower_bound,
+    lipschitz_lower,
     pgd_l2,
     robust_accuracy,
 )
@@ -275,7 +275,7 @@ def test_pgd_and_lower_bound_on_cuda() -> None:
     x_adv = pgd_l2(lin, x, y, 1.05 * dist, clamp=None, generator=_gen())  # CPU generator is fine
     assert x_adv.device == x.device
     assert (_dist(x_adv, x) <= 1.05 * dist.double() + 1e-5).all()
-    res = lipschitz_lower_bound(lin, x.sigmoid(), pairs=16, steps=20, lr=1e-2)
+    res = lipschitz_lower(lin, x.sigmoid(), pairs=16, steps=20, lr=1e-2)
     assert res.lipschitz_lower > 0
 
 
@@ -299,15 +299,15 @@ def test_lower_bound_linear_reaches_row_difference_norm(classes: int) -> None:
         present = lin(x).argmax(dim=1).unique()
     reachable = pw[present].max().item()  # classes c that are predicted somewhere
     truth = pw.max().item()  # no quotient of any f_c - f_j can exceed this
-    res = lipschitz_lower_bound(lin, x, pairs=64, steps=200, lr=1e-2, batch_pairs=32, generator=_gen())
-    assert isinstance(res, LowerBoundResult)
+    res = lipschitz_lower(lin, x, pairs=64, steps=200, lr=1e-2, batch_pairs=32, generator=_gen())
+    assert isinstance(res, LipschitzLowerResult)
     assert (res.pairs, res.steps) == (64, 200)
     assert 0.9 * reachable <= res.lipschitz_lower <= truth * (1 + 1e-9) + 1e-12
     # For a linear model the optimum is attained; the optimiser should get essentially there.
     assert res.lipschitz_lower >= reachable * (1 - 1e-4)
 
     # Scaled by the pairwise norms every quotient is <= 1, and the best approaches 1.
-    scaled = lipschitz_lower_bound(lin, x, pairs=64, steps=200, lr=1e-2, pairwise_scale=pw, generator=_gen())
+    scaled = lipschitz_lower(lin, x, pairs=64, steps=200, lr=1e-2, pairwise_scale=pw, generator=_gen())
     assert 0.9 <= scaled.lipschitz_lower <= 1 + 1e-9
 
 
@@ -319,10 +319,10 @@ def test_lower_bound_never_exceeds_upper_bounds_on_mlp(dtype: torch.dtype, act: 
     glob, pair = _mlp_bounds(model)
     # float32 logits carry ~1e-7 relative rounding; float64 essentially none.
     slack = 1e-4 if dtype == torch.float32 else 1e-9
-    res = lipschitz_lower_bound(model, x, pairs=48, steps=150, lr=1e-2, batch_pairs=24, generator=_gen())
+    res = lipschitz_lower(model, x, pairs=48, steps=150, lr=1e-2, batch_pairs=24, generator=_gen())
     assert 0 < res.lipschitz_lower <= glob * (1 + slack)
     body = pair[0, 1].item() / _head_pairs(_linears(model)[-1])[0, 1].item()
-    scaled = lipschitz_lower_bound(
+    scaled = lipschitz_lower(
         model, x, pairs=48, steps=150, lr=1e-2, pairwise_scale=pair / body, generator=_gen()
     )
     # With the head's pairwise norms factored out, what is left is bounded by the body's norm.
@@ -334,15 +334,15 @@ def test_lower_bound_tracks_the_best_step_not_the_last() -> None:
     x = torch.rand(16, 16, dtype=torch.float64)
     # Same seed: the long run evaluates the same first two iterates as the one-step run, so its
     # maximum can only be larger, even with a step size that throws later iterates around.
-    one = lipschitz_lower_bound(model, x, pairs=32, steps=1, lr=0.5, generator=_gen(9))
-    many = lipschitz_lower_bound(model, x, pairs=32, steps=60, lr=0.5, generator=_gen(9))
+    one = lipschitz_lower(model, x, pairs=32, steps=1, lr=0.5, generator=_gen(9))
+    many = lipschitz_lower(model, x, pairs=32, steps=60, lr=0.5, generator=_gen(9))
     assert many.lipschitz_lower >= one.lipschitz_lower > 0
 
 
 def test_lower_bound_with_single_input_and_no_clamp() -> None:
     model = _mlp(6, 8, 3, MaxMin(), torch.float64, seed=6)
     x = torch.randn(1, 6, dtype=torch.float64) * 3  # outside [0, 1]: needs clamp=None
-    res = lipschitz_lower_bound(model, x, pairs=8, steps=20, lr=1e-2, clamp=None, generator=_gen())
+    res = lipschitz_lower(model, x, pairs=8, steps=20, lr=1e-2, clamp=None, generator=_gen())
     glob, _ = _mlp_bounds(model)
     assert 0 < res.lipschitz_lower <= glob
 
@@ -383,9 +383,9 @@ def _state(model: nn.Module) -> tuple[list[bool], list[bool]]:
     [
         lambda m, x, y: pgd_l2(m, x, y, 0.5, steps=3, restarts=2),
         lambda m, x, y: robust_accuracy(m, x, y, 0.5, steps=3, restarts=2),
-        lambda m, x, y: lipschitz_lower_bound(m, x, pairs=4, steps=3, lr=1e-2),
+        lambda m, x, y: lipschitz_lower(m, x, pairs=4, steps=3, lr=1e-2),
     ],
-    ids=["pgd_l2", "robust_accuracy", "lipschitz_lower_bound"],
+    ids=["pgd_l2", "robust_accuracy", "lipschitz_lower"],
 )
 def test_model_state_untouched(call) -> None:  # type: ignore[no-untyped-def]
     model, spy = _spied_model()
@@ -483,13 +483,13 @@ def test_robust_accuracy_rejects_unknown_keyword() -> None:
 )
 def test_lower_bound_rejects_bad_arguments(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
-        lipschitz_lower_bound(_M, _X, **({"pairs": 2, "steps": 2} | kwargs))
+        lipschitz_lower(_M, _X, **({"pairs": 2, "steps": 2} | kwargs))
 
 
 def test_pairwise_scale_diagonal_is_ignored() -> None:
     scale = torch.ones(3, 3)
     scale.fill_diagonal_(0.0)  # would be 0/0 if it were used
-    res = lipschitz_lower_bound(_M, _X, pairs=4, steps=2, pairwise_scale=scale, generator=_gen())
+    res = lipschitz_lower(_M, _X, pairs=4, steps=2, pairwise_scale=scale, generator=_gen())
     assert math.isfinite(res.lipschitz_lower) and res.lipschitz_lower > 0
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from lipmargin.certify import BOUND_METHODS, certified_accuracy, certified_radius, certify, model_bound
+from lipmargin.certify import (
+    BOUND_METHODS,
+    ModelBound,
+    ModelEstimate,
+    certified_accuracy,
+    certified_fraction,
+    certified_mask,
+    certified_radius,
+    certify,
+    model_bound,
+    model_estimate,
+)
 from lipmargin.lipschitz import pairwise_head_norms
 from lipmargin.models import create_model
 from lipmargin.train import load_run
@@ -135,7 +150,9 @@ def test_certify_result_matches_the_pure_functions() -> None:
     assert_close(result.radius, radius, rtol=1e-9, atol=1e-12)
     assert torch.equal(result.prediction, pred) and torch.equal(result.target, y)
     assert result.clean_accuracy == float((pred == y).double().mean())
-    assert result.certified_accuracy == certified_accuracy(radius, pred, y, [0.0, 0.001, 0.01])
+    for e in (0.0, 0.001, 0.01):  # counted from the definition: correct and radius > eps
+        hand = sum(1 for r, c, t in zip(result.radius.tolist(), pred.tolist(), y.tolist()) if c == t and r > e) / 21
+        assert result.certified_accuracy[e] == hand
     assert set(result.certified_accuracy) == {0.0, 0.001, 0.01}
 
 
@@ -187,3 +204,85 @@ def test_certified_samples_cannot_be_flipped_inside_their_radius(tiny_run: Path)
         # The search can find flips: at distance 1 (beyond most radii) some predictions do change.
         far = x[keep].double()[:, None, :] + 1.0 * directions[None]
         assert (m64(far.reshape(-1, 2)).argmax(1).reshape(far.shape[:2]) != pred[keep][:, None]).any()
+
+
+# --------------------------------------------------------------------------------------------
+# One certified-accuracy formula; names that say what is guaranteed; no upward imports
+# --------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    samples=st.lists(
+        st.tuples(st.one_of(st.floats(0.0, 2.0), st.sampled_from([0.0, 0.5, math.inf, math.nan])), st.booleans()),
+        max_size=30,
+    ),
+    eps=st.lists(st.one_of(st.floats(0.0, 2.5), st.sampled_from([0.0, 0.5])), min_size=1, max_size=8),
+)
+def test_certified_fraction_counts_the_definition(samples: list[tuple[float, bool]], eps: list[float]) -> None:
+    """certified_fraction / certified_accuracy against a sample-by-sample count in plain Python."""
+    radius = torch.tensor([r for r, _ in samples], dtype=f64)
+    correct = torch.tensor([c for _, c in samples], dtype=torch.bool)
+    n = max(len(samples), 1)
+    expected = [sum(1 for r, c in samples if c and r > e) / n for e in eps]  # nan > e is False
+    assert certified_fraction(radius, correct, eps).tolist() == expected
+    target = torch.zeros(len(samples), dtype=torch.long)
+    prediction = torch.where(correct, target, torch.ones_like(target))
+    assert certified_accuracy(radius, prediction, target, eps) == {float(e): v for e, v in zip(eps, expected)}
+    for e, v in zip(eps, expected):
+        assert int(certified_mask(radius, correct, e).sum()) == round(v * len(samples))
+
+
+def _linear_3_4() -> torch.nn.Module:
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
+    return model
+
+
+def test_bound_types_say_what_is_guaranteed() -> None:
+    """Sound methods give a ModelBound, the power iteration a ModelEstimate; both hold the true 5."""
+    model = _linear_3_4()
+    sound, power = model_bound(model, "sound", input_shape=(2,)), model_bound(model, "power", input_shape=(2,))
+    assert isinstance(sound, ModelBound) and not isinstance(sound, ModelEstimate) and sound.sound
+    assert isinstance(power, ModelEstimate) and not isinstance(power, ModelBound) and not power.sound
+    assert isinstance(model_estimate(model, input_shape=(2,)), ModelEstimate)
+    # ||W_0 - W_1|| = ||(3, -4)|| = 5 exactly: the bound is >= it, the estimate converges to it.
+    assert 5.0 <= sound.lipschitz <= 5.0 * (1 + 1e-6)
+    assert power.lipschitz == pytest.approx(5.0, rel=1e-8)
+    result = certify(model, [(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))], [0.1], bound=power)
+    assert result.bound is power and result.sound is False and result.bound_method == "power"
+
+
+def test_a_plain_module_declaring_in_shape_needs_no_input_shape() -> None:
+    """Duck typing: any module with an ``in_shape`` attribute, no LipschitzNet needed."""
+    model = _linear_3_4()
+    model.in_shape = (2,)
+    bound = model_bound(model)
+    assert bound.input_shape == (2,)
+    # margin 3 at (1, 0) over Lip(f_0 - f_1) = 5: radius 0.6 (deflated by a tiny allowance)
+    result = certify(model, [(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))], [0.59, 0.6])
+    assert 0.6 * (1 - 1e-6) <= float(result.radius[0]) <= 0.6
+    assert result.certified_accuracy == {0.59: 1.0, 0.6: 0.0}
+    with pytest.raises(ValueError, match=r"differs from the Linear's in_shape \(2,\)"):
+        model_bound(model, input_shape=(3,))
+
+
+def test_certify_package_does_not_import_models() -> None:
+    code = (
+        "import sys; import lipmargin.certify.core, lipmargin.certify.audit, lipmargin.certify.attacks; "
+        "bad = sorted(m for m in sys.modules if m.startswith(('lipmargin.models', 'lipmargin.train', 'lipmargin.data'))); "
+        "assert not bad, bad"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_renamed_lower_bound_names_point_to_the_new_ones() -> None:
+    # import_module: ``import lipmargin.certify.attacks as m`` resolves lipmargin.certify to the function
+    attacks = importlib.import_module("lipmargin.certify.attacks")
+    with pytest.raises(AttributeError, match="renamed lipschitz_lower"):
+        attacks.lipschitz_lower_bound  # noqa: B018
+    with pytest.raises(AttributeError, match="renamed LipschitzLowerResult"):
+        attacks.LowerBoundResult  # noqa: B018

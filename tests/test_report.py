@@ -18,7 +18,6 @@ pytest.importorskip("matplotlib")
 from lipmargin import cli, report
 
 from lipmargin.report import plots  # noqa: E402
-from lipmargin.certify import certified_accuracy  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_FIGURES = ("certified_accuracy.png", "radius_histogram.png", "training_curves.png", "decision_regions.png")
@@ -105,11 +104,13 @@ def test_certified_accuracy_curve_is_the_certified_accuracy_step_function() -> N
     assert np.all(np.diff(x) > 0) and np.all(np.diff(y) <= 0)
     assert x[-1] == pytest.approx(float(radius[correct & radius.isfinite()].max()))
     assert y[-1] == pytest.approx(float((correct & radius.isinf()).double().mean()))  # inf: certified at every eps
-    # Read as a step function, the curve is lipmargin.certify.certified_accuracy at every eps.
+    # Read as a step function, the curve is the certified accuracy at every eps, counted here
+    # sample by sample from its definition (correct and radius > eps, strict).
     probe = torch.rand(200, generator=gen, dtype=torch.float64).mul(x[-1]).tolist() + radius[:50].tolist()
-    expected = certified_accuracy(radius, prediction, target, [e for e in probe if e <= x[-1]])
-    for e, acc in expected.items():
-        assert y[np.searchsorted(x, e, side="right") - 1] == pytest.approx(acc), e
+    pairs = list(zip(radius.tolist(), correct.tolist()))
+    for e in (e for e in probe if e <= x[-1]):
+        acc = sum(1 for r, ok in pairs if ok and r > e) / n
+        assert y[np.searchsorted(x, e, side="right") - 1] == pytest.approx(acc, abs=1e-15), e
     marks = sorted(float(l.get_xdata()[0]) for l in ax.lines if len(set(l.get_xdata())) == 1 and len(l.get_xdata()) == 2)
     assert marks == [0.5, 1.0]
 

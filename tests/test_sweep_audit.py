@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lipmargin.certify.audit import audit_model
+from lipmargin.certify import audit_model
 from lipmargin.certify import model_bound
 from lipmargin.config import ConfigError, config_to_dict, load_preset
 from lipmargin.data import load_dataset, to_float
@@ -233,3 +233,30 @@ def test_audit_autoattack_refuses_data_outside_the_unit_box() -> None:
     model, x, y = _box_net_and_inputs(4)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         audit_model(model, x, y, [0.1], lobo_inputs=x, use_autoattack=True, clamp=None)
+
+
+def test_audit_leaves_the_global_rng_and_the_callers_model_alone() -> None:
+    """No hidden side effects: the global RNG stream, the model's mode, dtype and buffers
+    (power-iteration vectors included) are as they were; the audit works on a plain module too."""
+    from torch import nn
+
+    from lipmargin.models import LipschitzNet
+
+    torch.manual_seed(3)
+    model = LipschitzNet(nn.Sequential(nn.Linear(12, 16), nn.ReLU()), nn.Linear(16, 5), (12,)).train()
+    x = torch.rand(6, 12)
+    y = torch.randint(0, 5, (6,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    res = audit_model(model, x, y, [0.01], lobo_inputs=x, pgd_steps=3, pgd_restarts=2, lobo_pairs=4,
+                      lobo_steps=3, lobo_lr=1e-2, clamp=(0.0, 1.0), seed=1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert res.num_samples == 6 and res.violations == 0
+
+    plain = nn.Sequential(nn.Linear(12, 5))  # no in_shape: the shape comes from input_shape
+    res = audit_model(plain, x, y, [0.01], lobo_inputs=x, pgd_steps=3, pgd_restarts=1, lobo_pairs=4,
+                      lobo_steps=3, lobo_lr=1e-2, input_shape=(12,))
+    assert res.violations == 0 and res.lipschitz_lower <= res.lipschitz_upper

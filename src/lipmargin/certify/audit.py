@@ -18,12 +18,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lipmargin.certify.attacks import autoattack_l2, lipschitz_lower_bound, pgd_l2
-from lipmargin.certify import ModelBound, certify, model_bound
+from torch import nn
+
+from lipmargin.certify.attacks.autoattack import autoattack_l2
+from lipmargin.certify.attacks.lower import lipschitz_lower
+from lipmargin.certify.attacks.pgd import pgd_l2
+from lipmargin.certify.core import ModelBound, ModelEstimate, _float64_copy, certify, model_bound
+from lipmargin.certify.radius import certified_mask
 
 if TYPE_CHECKING:
     from lipmargin.checkpoint import CheckpointRef
-from lipmargin.models import LipschitzNet
 
 __all__ = ["AuditResult", "audit_model"]
 
@@ -45,18 +49,18 @@ class AuditResult:
     notes: list[str] = field(default_factory=list)  # attacks that could not run, and why
 
 
-def _predict(model: LipschitzNet, x: Tensor) -> Tensor:
+def _predict(model: nn.Module, x: Tensor) -> Tensor:
     return model(x).argmax(1)
 
 
 def audit_model(
-    model: LipschitzNet,
+    model: nn.Module,
     inputs: Tensor,
     target: Tensor,
     eps: Sequence[float],
     *,
     lobo_inputs: Tensor,
-    bound: ModelBound | None = None,
+    bound: ModelBound | ModelEstimate | None = None,
     pgd_steps: int = 50,
     pgd_restarts: int = 5,
     lobo_pairs: int = 500,
@@ -105,7 +109,6 @@ def audit_model(
     n = int(target.numel())
     gen = torch.Generator(device=device).manual_seed(seed)
     violations: list[dict[str, Any]] = []
-    cert_acc: dict[float, float] = {}
     robust_acc: dict[float, float] = {}
     attacks = ["pgd-l2"]
     notes: list[str] = []
@@ -137,8 +140,7 @@ def audit_model(
         return broken, names
 
     for k, e in enumerate(eps):
-        certified = correct & (radius > e)
-        cert_acc[float(e)] = float(certified.sum()) / max(n, 1)
+        certified = certified_mask(radius, correct, float(e))
         idx = correct.nonzero().flatten()
         stage(k + 1, f"{'+'.join(attacks)} at eps {float(e):g}", int(idx.numel()))
         robust = torch.zeros_like(correct)
@@ -151,7 +153,7 @@ def audit_model(
         robust_acc[float(e)] = float(robust.sum()) / max(n, 1)
 
     # Each certified sample at (just inside) its own radius: the strongest claim the bound makes.
-    own = correct & torch.isfinite(radius) & (radius > 0)
+    own = certified_mask(radius, correct, 0.0) & torch.isfinite(radius)
     idx = own.nonzero().flatten()
     stage(len(eps) + 1, f"{'+'.join(attacks)} at each sample's own radius", int(idx.numel()))
     if idx.numel():
@@ -164,7 +166,7 @@ def audit_model(
             )
 
     stage(stages, f"LOBO ({lobo_pairs} pairs, {lobo_steps} steps)", lobo_pairs)
-    lower = lipschitz_lower_bound(
+    lower = lipschitz_lower(
         m64, lobo_inputs.to(device=device, dtype=torch.float64), pairs=lobo_pairs, steps=lobo_steps, lr=lobo_lr, clamp=clamp,
         generator=torch.Generator(device=device).manual_seed(seed),
     ).lipschitz_lower
@@ -181,7 +183,7 @@ def audit_model(
     return AuditResult(
         num_samples=n,
         clean_accuracy=float(correct.sum()) / max(n, 1),
-        certified_accuracy=cert_acc,
+        certified_accuracy=certified_run.certified_accuracy,
         empirical_robust_accuracy=robust_acc,
         violations=len(violations),
         violation_details=violations,
@@ -194,8 +196,3 @@ def audit_model(
         notes=notes,
     )
 
-
-def _float64_copy(model: LipschitzNet) -> LipschitzNet:
-    import copy
-
-    return copy.deepcopy(model).to(torch.float64).eval()

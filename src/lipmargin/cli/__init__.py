@@ -536,7 +536,7 @@ def _audit_one(args: argparse.Namespace, run_dir: Path | None) -> dict[str, Any]
     """Audit one run folder and write its ``audit.json`` (or a ``--model``); returns the payload."""
     import torch
 
-    from lipmargin.certify.audit import audit_model
+    from lipmargin.certify import audit_model
     from lipmargin.checkpoint import atomic_write_text
     from lipmargin.certify import model_bound
     from lipmargin.cli.progress import audit_progress

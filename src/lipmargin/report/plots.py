@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lipmargin.certify import certified_fraction
+
 if TYPE_CHECKING:
-    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = [
@@ -77,17 +78,16 @@ def certified_accuracy_steps(radius: ArrayLike, correct: ArrayLike) -> tuple[np.
     """The certified-accuracy curve as steps: ``(eps, accuracy)``, both ``(M,)``.
 
     ``accuracy[k]`` is the fraction of all samples with ``correct`` and ``radius > eps[k]`` (strict,
-    as in :func:`lipmargin.certify.certified_accuracy`); it holds on ``[eps[k], eps[k + 1])``.
+    computed by :func:`lipmargin.certify.certified_fraction`); it holds on ``[eps[k], eps[k + 1])``.
     ``eps`` runs from 0 to the largest finite radius of a correct sample (1 when there is none).
     """
     r, c = _radius_and_correct(radius, correct)
-    n = max(r.size, 1)
-    hits = np.sort(r[c])  # (n_correct,) radii of the samples that can be certified
+    hits = r[c]  # (n_correct,) radii of the samples that can be certified
     finite = hits[np.isfinite(hits)]
     end = float(finite.max()) if finite.size else 1.0
     eps = np.unique(np.concatenate([[0.0], finite[finite > 0], [end]]))  # (M,)
-    # Count of correct radii > eps: everything above the right insertion point.
-    accuracy = (hits.size - np.searchsorted(hits, eps, side="right")) / n
+    # THE certified-accuracy formula, evaluated at every step of the curve.
+    accuracy = certified_fraction(torch.from_numpy(r), torch.from_numpy(c), torch.from_numpy(eps)).numpy()
     return eps, accuracy
 
 
@@ -107,9 +107,10 @@ def certified_accuracy_curve(
     ax = fig.add_subplot()
     ax.plot(eps, accuracy, drawstyle="steps-post", color="C0", lw=1.8, label="certified accuracy", gid="certified-accuracy")
     clean = float(c.mean()) if c.size else 0.0
-    for k, e in enumerate(eps_marks or ()):
-        # Same strict rule as the curve, so the mark sits on it.
-        acc = float((c & (r > e)).sum()) / max(r.size, 1)
+    marks = [float(e) for e in eps_marks or ()]
+    # The same formula as the curve, so each mark sits on it.
+    mark_acc = certified_fraction(torch.from_numpy(r), torch.from_numpy(c), marks).tolist()
+    for k, (e, acc) in enumerate(zip(marks, mark_acc)):
         ax.axvline(e, color="0.45", ls=":", lw=1.0, label="evaluation ε" if k == 0 else None)
         ax.plot([e], [acc], "o", color="C3", ms=5, zorder=3)
         # Below and right of the point: the curve never rises to the right, so the text sits in
