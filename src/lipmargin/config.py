@@ -279,7 +279,7 @@ def validate(cfg: RunConfig) -> None:
     """Range and name checks; registries are imported here so that the names are always current."""
     from lipmargin.data import list_datasets
     from lipmargin.models import list_models
-    from lipmargin.train import list_train_losses
+    from lipmargin.losses import list_train_losses
 
     _require(cfg.data.name in list_datasets(), f"data.name: unknown dataset {cfg.data.name!r}; choose one of {', '.join(list_datasets())}")
     _require(0.0 <= cfg.data.val_fraction < 1.0, f"data.val_fraction must be in [0, 1); got {cfg.data.val_fraction}")

@@ -28,10 +28,10 @@ from typing import Any
 
 import yaml
 
-from lipmargin.checkpoint import atomic_write_text, latest_checkpoint
+from lipmargin._io import atomic_write_text
+from lipmargin.checkpoint import latest_checkpoint
 from lipmargin.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict
-from lipmargin.train.runfolder import RunExistsError, move_aside, run_files
-from lipmargin.train import eps_key, fit, same_run_config
+from lipmargin.train import RunExistsError, eps_key, fit, move_aside, run_files, same_run_config
 
 __all__ = ["parse_grid", "expand_grid", "cell_name", "run_sweep", "write_results", "audit_summary", "aggregate", "mean_std", "SweepError"]
 
@@ -263,7 +263,7 @@ def _run_batched(
     todo: Sequence[tuple[dict[str, Any], RunConfig, Path, bool]], group_size: int | None, emit: Callable[[dict[str, Any]], None]
 ) -> None:
     """Train ``todo`` in batched groups; a group of one trains as a plain run."""
-    from lipmargin.train.batched import plan_groups, train_group
+    from lipmargin.train import plan_groups, train_group
 
     groups = plan_groups([cfg for _, cfg, _, _ in todo], group_size)
     failures: list[str] = []

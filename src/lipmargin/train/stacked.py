@@ -34,7 +34,7 @@ from lipmargin.lipschitz import (
 )
 from lipmargin.losses import lipschitz_penalty
 from lipmargin.models import LipschitzNet
-from lipmargin.train import TRAIN_LOSSES
+from lipmargin.losses import TRAIN_LOSSES
 
 __all__ = ["stack_members", "StackedForward", "VmapForward", "member_losses", "converge_members"]
 
