@@ -20,7 +20,7 @@ def cll_sigma(eps: float, p: float) -> float:
     probability ``p/2`` for its true class (METHOD.md section 2; the ``p/2`` form of the authors).
 
     >>> round(cll_sigma(0.5, 0.2), 6)  # 0.5 / ln(9)
-    0.227559
+    0.22756
     """
     _check_eps(eps)
     if not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
@@ -34,25 +34,24 @@ def k_scale_schedule(progress: float) -> float:
     return 1.0 - 0.99 * (1.0 - t) ** 10
 
 
-def _target_rows(lipschitz: Tensor | float, logits: Tensor, target: Tensor, pairwise: bool | None, per_logit: bool) -> Tensor:
-    """The ``(B, C)`` bounds a sample's logits are divided by: ``pairwise[target]`` for a ``(C, C)``
-    matrix (the margin is taken against the true class), else ``lipschitz`` broadcast to (B, C)."""
-    b, c = logits.shape
+def _target_rows(lipschitz: Tensor | float, logits: Tensor, target: Tensor, pairwise: bool, per_logit: bool) -> Tensor:
+    """The ``(B, C)`` bounds a sample's logits are divided by: row ``target`` of the ``(C, C)``
+    matrix with ``pairwise`` (the margin is taken against the true class), else ``lipschitz``
+    broadcast to (B, C).  The flag is explicit: with ``B == C`` the shape cannot tell the two apart."""
+    c = logits.shape[1]
     bound = torch.as_tensor(lipschitz, dtype=logits.dtype, device=logits.device)
     square = bound.dim() == 2 and bound.shape == (c, c)
-    if pairwise is None:
-        if square and b == c and c > 1 and not per_logit:
-            raise ValueError(
-                f"lipschitz of shape ({c}, {c}) with a batch of {b} samples is either the pairwise matrix or "
-                "per-sample rows; say which with pairwise=True or pairwise=False"
-            )
-        pairwise = square and not per_logit
     if pairwise:
         if per_logit:
             raise ValueError("pairwise=True reads the (C, C) matrix K*||W_i - W_j||; per_logit=True takes K*||W_j||")
         if not square:
-            raise ValueError(f"pairwise must be the ({c}, {c}) matrix K*||W_i - W_j||; got {tuple(bound.shape)}")
-        return bound[target.long()]  # (B, C): row y of sample b
+            raise ValueError(f"pairwise=True needs the ({c}, {c}) matrix K*||W_i - W_j||; got {tuple(bound.shape)}")
+        return bound[target.long()]  # (B, C): row y of each sample
+    if square and logits.shape[0] != c:
+        raise ValueError(
+            f"lipschitz of shape ({c}, {c}) does not match a batch of {logits.shape[0]}; "
+            "pass pairwise=True for the (C, C) matrix K*||W_i - W_j||"
+        )
     return _broadcast_bound(bound, logits)
 
 
@@ -67,7 +66,7 @@ def cll_logits(
     per_logit: bool = False,
     k_scale: float = 1.0,
     detach_lipschitz: bool = True,
-    pairwise: bool | None = None,
+    pairwise: bool = False,
 ) -> Tensor:
     """The calibrated logits ``z`` (B, C) whose softmax cross entropy is the CLL loss.
 
@@ -114,16 +113,17 @@ def cll_loss(
     k_scale: float = 1.0,
     detach_lipschitz: bool = True,
     reduction: str = "mean",
-    pairwise: bool | None = None,
+    pairwise: bool = False,
 ) -> Tensor:
     """Calibrated Lipschitz-Margin Loss (Losch et al., GCPR 2023), METHOD.md section 2.
 
     Args:
         logits: ``(B, C)`` model outputs.
         target: ``(B,)`` class indices.
-        lipschitz: the ``(C, C)`` pairwise matrix ``K * ||W_i - W_j||`` (as for :func:`gloro_loss`;
-            row ``y`` of a sample's target is used), or each sample's target row ``(B, C)`` or
-            anything broadcastable to it (per-logit bounds ``K * ||W_j||`` with ``per_logit=True``).
+        lipschitz: each sample's target row ``K * ||W_y - W_j||``, ``(B, C)`` or anything
+            broadcastable to it; with ``pairwise=True`` the ``(C, C)`` matrix ``K * ||W_i - W_j||``
+            (as for :func:`gloro_loss`), of which row ``y`` of each sample's target is used
+            (per-logit bounds ``K * ||W_j||`` with ``per_logit=True``).
         eps: target radius in input space (> 0).
         p: slack in (0, 1); small p = steep calibration.
         one_sided: no ``-eps/sigma`` offset on the target logit (used for two moons).
@@ -132,8 +132,8 @@ def cll_loss(
             :func:`k_scale_schedule`).
         detach_lipschitz: treat ``lipschitz`` as a constant (the authors' default).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        pairwise: whether a 2-D ``lipschitz`` is the ``(C, C)`` matrix (True) or per-sample rows
-            (False); ``None`` infers it from the shape and refuses the ambiguous ``B == C`` case.
+        pairwise: ``lipschitz`` is the ``(C, C)`` matrix (explicit, since with ``B == C`` per-sample
+            rows have the same shape).
 
     Closed form (pairwise, two-sided): ``log(1 + sum_{j != y} exp((2 eps - r_yj) / sigma))`` with
     ``r_yj = (f_y - f_j) / lipschitz_j``.
@@ -144,6 +144,9 @@ def cll_loss(
     >>> loss = cll_loss(logits, target, 2.0, eps, p)  # r = (2 - 0) / 2 = 1
     >>> expected = math.log1p(math.exp((2 * eps - 1.0) / cll_sigma(eps, p)))
     >>> round(float(loss), 6) == round(expected, 6)
+    True
+    >>> matrix = torch.tensor([[0.0, 2.0], [2.0, 0.0]])  # K * ||W_i - W_j||
+    >>> bool(cll_loss(logits, target, matrix, eps, p, pairwise=True) == loss)
     True
     """
     _check_reduction(reduction)
@@ -167,7 +170,7 @@ class CLLoss(nn.Module):
         per_logit: bool = False,
         detach_lipschitz: bool = True,
         reduction: str = "mean",
-        pairwise: bool | None = None,
+        pairwise: bool = False,
     ) -> None:
         super().__init__()
         self.sigma = cll_sigma(eps, p)  # validates eps and p now, not at the first batch
