@@ -407,7 +407,18 @@ def preset_description(name: str) -> str:
 def load_config(
     path: str | Path | None = None, *, preset: str | None = None, overrides: Sequence[str] = ()
 ) -> RunConfig:
-    """Preset (if any), then the YAML file (if any), then the overrides; validated."""
+    """Preset (if any), then the YAML file (if any), then the overrides; validated.
+
+    Without a preset or a file the default preset is the base.
+
+    >>> cfg = load_config(preset="moons-cll", overrides=["loss.eps=0.3", "train.epochs=2"])
+    >>> cfg.model.name, cfg.loss.name, cfg.loss.eps, cfg.train.epochs
+    ('moons-mlp', 'cll', 0.3, 2)
+    >>> load_config(preset="moons-cll", overrides=["loss.name=nope"])
+    Traceback (most recent call last):
+    ...
+    lipmargin.config.ConfigError: loss.name: unknown loss 'nope'; choose one of ce, ce-cr, cll, gloro, hkr, lmt
+    """
     values: dict[str, Any] = {}
     if preset is not None:
         values = preset_values(preset)

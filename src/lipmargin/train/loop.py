@@ -71,6 +71,19 @@ def fit(
 
     ``on_event`` receives dicts: ``start``, ``batch`` (after every step), ``eval`` (evaluation
     progress), ``epoch`` (the metrics record), ``end`` (the summary) and ``moved``.
+
+    The run draws its model and its random stream from ``train.seed`` under a fork of torch's
+    global RNG: the caller's RNG state is the same after ``fit`` as before.
+
+    >>> import tempfile
+    >>> from lipmargin.config import load_config
+    >>> cfg = load_config(preset="moons-cll", overrides=["train.epochs=1", "data.train_size=200", "data.test_size=100"])
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...     summary = fit(cfg, out)
+    ...     (Path(out) / "summary.json").is_file(), summary["checkpoint"]["epoch"]
+    (True, 1)
+    >>> summary["epochs"], summary["num_samples"], 0.0 <= summary["clean_accuracy"] <= 1.0
+    (1, 100, True)
     """
     out = Path(out_dir)
     emit = on_event or (lambda event: None)
