@@ -257,7 +257,7 @@ def _train_group(
                 raise _memory_error(len(members), per_member, free)
         _open_run_folder(m, start)
     params, buffers = stack_members([m.model for m in members])
-    optimizer = build_optimizer(nn.ParameterList(params.values()), base, device)
+    optimizer = build_optimizer(nn.ParameterList(params.values()), base.optim, device)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(base.optim.milestones), base.optim.gamma)
     if start > 0:
         try:

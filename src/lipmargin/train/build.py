@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lipmargin.checkpoint import torch_rng_state
-from lipmargin.config import RunConfig
+from lipmargin.config import OptimConfig, RunConfig
 from lipmargin.data import ArrayDataset, load_dataset, stratified_subset, train_val_split
 from lipmargin.models import LipschitzNet, create_model
 from lipmargin.train.errors import TrainingError
@@ -84,7 +84,7 @@ def build_model(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) 
 
     The global RNG is left as it was (see :func:`init_model`).
 
-    >>> from lipmargin.config import RunConfig
+    >>> from lipmargin.config import OptimConfig, RunConfig
     >>> state = torch.get_rng_state()
     >>> a, b = (build_model(RunConfig(), (1, 28, 28), 10) for _ in range(2))
     >>> all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
@@ -95,8 +95,15 @@ def build_model(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) 
     return init_model(cfg, input_shape, num_classes)[0]
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (METHOD.md); the fused CUDA kernel on GPUs, where the step is launch-bound."""
+def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with ``optim.lr`` / ``optim.weight_decay`` (METHOD.md); the fused CUDA kernel on GPUs,
+    where the step is launch-bound.
+
+    >>> from lipmargin.config import OptimConfig
+    >>> opt = build_optimizer(torch.nn.Linear(2, 2), OptimConfig(lr=0.01), torch.device("cpu"))
+    >>> type(opt).__name__, opt.param_groups[0]["lr"]
+    ('AdamW', 0.01)
+    """
     return torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda"
+        model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=device.type == "cuda"
     )

@@ -172,7 +172,7 @@ def _fit(
             emit({"event": "moved", "run_dir": str(out), "moved_to": str(move_aside(out))})
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    optimizer = build_optimizer(model, cfg, device)
+    optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.milestones), cfg.optim.gamma)
     train_seconds = 0.0
     final_ref: CheckpointRef | None = checkpoint.ref if checkpoint is not None else None
@@ -216,8 +216,9 @@ def _fit(
             emit({"event": "batch", "epoch": epoch, "step": step, "samples": seen})
 
         stats = train_one_epoch(
-            model, loader, optimizer, train_loss, cfg, epoch, len(loader), step_module=step_module, dist=dist,
-            on_batch=on_batch,
+            model, loader, optimizer, train_loss, epoch, len(loader), epochs=cfg.train.epochs,
+            batch_size=cfg.train.batch_size, penalty=cfg.loss.lipschitz_penalty, penalty_power=cfg.loss.penalty_power,
+            step_module=step_module, dist=dist, on_batch=on_batch,
         )
         scheduler.step()
         train_seconds += stats.seconds

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from lipmargin.certify import CertifyResult, certify, model_bound
-from lipmargin.config import RunConfig
 from lipmargin.data import ArrayDataset, DeviceLoader
 from lipmargin.lipschitz import pairwise_head_norms
 from lipmargin.losses import TrainLoss, lipschitz_penalty
@@ -71,23 +70,32 @@ def train_one_epoch(
     loader: Iterable[tuple[Tensor, Tensor]],
     optimizer: torch.optim.Optimizer,
     train_loss: TrainLoss,
-    cfg: RunConfig,
     epoch: int,
     steps_per_epoch: int,
     *,
+    epochs: int,
+    batch_size: int,
+    power_iters: int = 5,
+    penalty: float = 0.0,
+    penalty_power: float = 2.0,
     step_module: nn.Module | None = None,
     dist: DistInfo = DistInfo(),
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EpochStats:
-    """One pass over ``loader``; ``epoch`` counts from 1.  Raises TrainingError on a non-finite loss.
+    """One pass over ``loader``; ``epoch`` counts from 1 of ``epochs``.  Raises TrainingError on a non-finite loss.
+
+    ``batch_size`` is the global batch size (``train.batch_size``; under DDP each rank's mean is
+    weighted by its share of it), ``penalty`` / ``penalty_power`` the Lipschitz penalty
+    ``penalty * K_tot ** penalty_power`` added to the loss (``loss.lipschitz_penalty``,
+    ``loss.penalty_power``; 0: none) and ``power_iters`` the power-iteration steps of the default
+    step module.
 
     ``step_module`` maps a batch to ``(logits, K)`` (a :class:`TrainStep`, possibly wrapped in
     DistributedDataParallel); by default a plain TrainStep of ``model``.  Loss and accuracy are
     summed over all ranks.  ``on_batch(steps_done, samples_done)`` is called after every step
     (this rank's samples; it must be cheap: it runs in the hot loop).
     """
-    step_fn = step_module if step_module is not None else TrainStep(model, cfg.train.power_iters)
-    batch_size = cfg.train.batch_size
+    step_fn = step_module if step_module is not None else TrainStep(model, power_iters)
     n_total = len(loader.dataset) if isinstance(loader, DeviceLoader) else 0
     if dist.world_size > 1 and not isinstance(loader, DeviceLoader):
         raise TrainingError("distributed training needs a DeviceLoader (it knows the global batch sizes)")
@@ -102,7 +110,7 @@ def train_one_epoch(
     k = torch.ones((), device=device)
     start = time.perf_counter()
     for step, (x, y) in enumerate(loader):
-        progress = (epoch - 1 + step / max(steps_per_epoch, 1)) / cfg.train.epochs
+        progress = (epoch - 1 + step / max(steps_per_epoch, 1)) / epochs
         logits, k = step_fn(x)
         if dist.world_size > 1:
             # DDP averages gradients over ranks; weight each rank's mean by its share of the global
@@ -113,9 +121,9 @@ def train_one_epoch(
             loss = train_loss(logits, y, model, k, progress) * share if y.shape[0] else logits.sum() * 0.0
         else:
             loss = train_loss(logits, y, model, k, progress)
-        if cfg.loss.lipschitz_penalty > 0:
+        if penalty > 0:
             k_tot = k * pairwise_head_norms(model.head.weight).max()
-            loss = loss + lipschitz_penalty(k_tot, cfg.loss.lipschitz_penalty, cfg.loss.penalty_power)
+            loss = loss + lipschitz_penalty(k_tot, penalty, penalty_power)
         finite = torch.isfinite(loss)
         first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
         optimizer.zero_grad(set_to_none=True)
