@@ -31,10 +31,10 @@ class TrainStep(nn.Module):
     are launch-bound batch-1 convolutions); ``None`` runs eagerly.
     """
 
-    def __init__(self, model: LipschitzNet, power_iters: int, precision: str = "fp32", compile: str | None = None) -> None:
+    def __init__(self, model: LipschitzNet, n_iter: int, precision: str = "fp32", compile: str | None = None) -> None:
         super().__init__()
         self.model = model
-        self.power_iters = power_iters
+        self.n_iter = n_iter
         self.precision = precision
         self._step: Callable[[Tensor], tuple[Tensor, Tensor]] = (
             torch.compile(self._eager, mode=compile) if compile else self._eager  # type: ignore[assignment]
@@ -45,7 +45,7 @@ class TrainStep(nn.Module):
             x = x.double()
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = self.model(x)
-        k, _ = self.model.feature_lipschitz(self.power_iters)
+        k, _ = self.model.feature_lipschitz(self.n_iter)
         return (logits if self.precision == "fp64" else logits.float()), k
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,7 +75,7 @@ def train_one_epoch(
     *,
     epochs: int,
     batch_size: int,
-    power_iters: int = 5,
+    n_iter: int = 5,
     penalty: float = 0.0,
     penalty_power: float = 2.0,
     step_module: nn.Module | None = None,
@@ -87,7 +87,7 @@ def train_one_epoch(
     ``batch_size`` is the global batch size (``train.batch_size``; under DDP each rank's mean is
     weighted by its share of it), ``penalty`` / ``penalty_power`` the Lipschitz penalty
     ``penalty * K_tot ** penalty_power`` added to the loss (``loss.lipschitz_penalty``,
-    ``loss.penalty_power``; 0: none) and ``power_iters`` the power-iteration steps of the default
+    ``loss.penalty_power``; 0: none) and ``n_iter`` the power-iteration steps of the default
     step module.
 
     ``step_module`` maps a batch to ``(logits, K)`` (a :class:`TrainStep`, possibly wrapped in
@@ -95,7 +95,7 @@ def train_one_epoch(
     summed over all ranks.  ``on_batch(steps_done, samples_done)`` is called after every step
     (this rank's samples; it must be cheap: it runs in the hot loop).
     """
-    step_fn = step_module if step_module is not None else TrainStep(model, power_iters)
+    step_fn = step_module if step_module is not None else TrainStep(model, n_iter)
     n_total = len(loader.dataset) if isinstance(loader, DeviceLoader) else 0
     if dist.world_size > 1 and not isinstance(loader, DeviceLoader):
         raise TrainingError("distributed training needs a DeviceLoader (it knows the global batch sizes)")
