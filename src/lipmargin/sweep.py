@@ -37,7 +37,11 @@ __all__ = ["parse_grid", "expand_grid", "cell_name", "run_sweep", "write_results
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
-    """``["loss.eps=0.15,0.5", "loss.p=0.01"]`` -> ``{"loss.eps": [0.15, 0.5], "loss.p": [0.01]}``."""
+    """``--grid`` items as lists of values per config key.
+
+    >>> parse_grid(["loss.eps=0.15,0.5", "loss.p=0.01"])
+    {'loss.eps': [0.15, 0.5], 'loss.p': [0.01]}
+    """
     grid: dict[str, list[Any]] = {}
     for item in items:
         if "=" not in item:
@@ -54,12 +58,21 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
 
 
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """All combinations, in the order the keys and values were given."""
+    """All combinations, in the order the keys and values were given.
+
+    >>> expand_grid({"loss.eps": [0.15, 0.5], "loss.p": [0.01]})
+    [{'loss.eps': 0.15, 'loss.p': 0.01}, {'loss.eps': 0.5, 'loss.p': 0.01}]
+    """
     keys = list(grid)
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
 def cell_name(params: dict[str, Any]) -> str:
+    """The folder name of a grid cell (``base`` for the empty grid).
+
+    >>> cell_name({"loss.eps": 0.5, "loss.p": 0.01}), cell_name({})
+    ('loss.eps=0.5,loss.p=0.01', 'base')
+    """
     return ",".join(f"{k}={v}" for k, v in params.items()) or "base"
 
 
@@ -68,7 +81,11 @@ def _override_strings(params: dict[str, Any]) -> list[str]:
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+    """Mean and sample standard deviation (ddof 1; 0 for a single value).
+
+    >>> mean_std([1.0, 3.0])
+    {'mean': 2.0, 'std': 1.4142135623730951}
+    """
     n = len(values)
     if n == 0:
         return {"mean": math.nan, "std": math.nan}

@@ -52,6 +52,12 @@ def resolve_precision(
     ``auto`` is ``bf16`` on a CUDA device that supports bfloat16 and on a CPU with one of
     :data:`FAST_BF16_CPU_FLAGS`, ``fp32`` elsewhere.  ``flags`` / ``cuda_bf16`` replace the
     machine's own answers (for tests); other values are returned unchanged.
+
+    >>> cpu = torch.device("cpu")
+    >>> resolve_precision("auto", cpu, flags=frozenset({"avx2"})), resolve_precision("auto", cpu, flags=frozenset({"amx_bf16"}))
+    ('fp32', 'bf16')
+    >>> resolve_precision("fp64", cpu)
+    'fp64'
     """
     if precision != "auto":
         return precision
@@ -69,6 +75,9 @@ def resolve_channels_last(channels_last: bool | None, device: torch.device, prec
     The rule (benchmarks/cpu_precision.py, docs/results.md): channels-last on CUDA with bf16
     (tensor-core convolutions want NHWC) and on a CPU in bf16 (oneDNN's AMX kernels are NHWC);
     contiguous NCHW otherwise, which was faster for float32 on the CPU.
+
+    >>> resolve_channels_last(None, torch.device("cpu"), "bf16"), resolve_channels_last(None, torch.device("cpu"), "fp32")
+    (True, False)
     """
     if channels_last is not None:
         return channels_last
