@@ -50,7 +50,7 @@ def lipmargin_steps(precision: str, channels_last: bool, x: Tensor, y: Tensor, p
         cll_model = cll_model.to(memory_format=torch.channels_last)
         ce_model = ce_model.to(memory_format=torch.channels_last)
     cfg = RunConfig()
-    cll_opt, ce_opt = build_optimizer(cll_model, cfg, CPU), build_optimizer(ce_model, cfg, CPU)
+    cll_opt, ce_opt = build_optimizer(cll_model, cfg.optim, CPU), build_optimizer(ce_model, cfg.optim, CPU)
     cll = TRAIN_LOSSES["cll"](LossConfig(name="cll", eps=0.5, p=0.01))
     step = TrainStep(cll_model, power_iters, precision)
     cll_model.train()

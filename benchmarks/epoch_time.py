@@ -43,12 +43,13 @@ class PerSampleDataset(Dataset):
 
 
 def run_epoch(model, loader, device: torch.device, cfg: RunConfig) -> float:
-    opt = build_optimizer(model, cfg, device)
+    opt = build_optimizer(model, cfg.optim, device)
     loss = TRAIN_LOSSES["cll"](cfg.loss)
     step = TrainStep(model, cfg.train.power_iters, cfg.train.precision, None if cfg.train.compile == "none" else cfg.train.compile)
     sync(device)
     t0 = time.perf_counter()
-    train_one_epoch(model, loader, opt, loss, cfg, 1, len(loader), step_module=step)
+    train_one_epoch(model, loader, opt, loss, 1, len(loader), epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
+                    penalty=cfg.loss.lipschitz_penalty, penalty_power=cfg.loss.penalty_power, step_module=step)
     sync(device)
     return time.perf_counter() - t0
 

@@ -40,8 +40,8 @@ def main() -> None:
     ce_model = create_model("4C3F", (3, 32, 32), 10).to(device)
     ce_model.load_state_dict(cll_model.state_dict())
     run_cfg = RunConfig()
-    cll_opt = build_optimizer(cll_model, run_cfg, device)  # the trainer's optimizer for both
-    ce_opt = build_optimizer(ce_model, run_cfg, device)
+    cll_opt = build_optimizer(cll_model, run_cfg.optim, device)  # the trainer's optimizer for both
+    ce_opt = build_optimizer(ce_model, run_cfg.optim, device)
     cll = TRAIN_LOSSES["cll"](LossConfig(name="cll", eps=0.5, p=0.01))
     step = TrainStep(cll_model, args.power_iters, args.precision, args.compile)
     ce_forward = torch.compile(ce_model, mode=args.compile) if args.compile else ce_model

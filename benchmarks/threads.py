@@ -48,7 +48,7 @@ def worker(rule: str, repeat: int) -> dict:
     cfg = load_config(None, preset="digits-cll")
     data = load_run_data(cfg)
     model = build_model(cfg, data.train.input_shape, data.train.num_classes).double()
-    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
     loss = TRAIN_LOSSES[cfg.loss.name](cfg.loss)
     step = TrainStep(model, cfg.train.power_iters, cfg.train.precision)
     loader = DeviceLoader(data.train, cfg.train.batch_size, device=torch.device("cpu"), shuffle=True, seed=0)
@@ -57,7 +57,9 @@ def worker(rule: str, repeat: int) -> dict:
     for epoch in range(1, repeat + 2):  # the first is a warm-up
         loader.set_epoch(epoch)
         t0 = time.perf_counter()
-        train_one_epoch(model, loader, optimizer, loss, cfg, epoch, len(loader), step_module=step)
+        train_one_epoch(model, loader, optimizer, loss, epoch, len(loader), epochs=cfg.train.epochs,
+                        batch_size=cfg.train.batch_size, penalty=cfg.loss.lipschitz_penalty,
+                        penalty_power=cfg.loss.penalty_power, step_module=step)
         epochs.append(time.perf_counter() - t0)
     certs = []
     for _ in range(repeat):

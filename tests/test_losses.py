@@ -132,6 +132,49 @@ def test_cll_ignores_target_entry_of_lipschitz() -> None:
                  cll_loss(logits, target, other, 0.3, 0.1, reduction="none"), rtol=0, atol=0)
 
 
+def test_cll_reads_the_target_row_of_a_pairwise_matrix_by_hand() -> None:
+    # C = 3, a symmetric (C, C) matrix K*||W_i - W_j|| whose rows all differ.
+    pairwise = torch.tensor([[0.0, 2.0, 4.0], [2.0, 0.0, 1.0], [4.0, 1.0, 0.0]], dtype=f64)
+    logits = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.5, 1.0]], dtype=f64)
+    target = torch.tensor([1, 0])
+    eps, p = 0.5, 0.2
+    inv_sigma = math.log(9.0) / eps  # 1/sigma = ln((2 - p) / p) / eps
+    # Two-sided closed form log(1 + sum_{j != y} exp((2 eps - r_yj) / sigma)), r_yj = (f_y - f_j) / M[y, j]:
+    # sample 0 (y = 1): r_10 = (3 - 1) / 2 = 1, r_12 = (3 - 0) / 1 = 3;
+    # sample 1 (y = 0): r_01 = (2 - 0.5) / 2 = 0.75, r_02 = (2 - 1) / 4 = 0.25.
+    expected = torch.tensor([
+        math.log(1 + math.exp((1.0 - 1.0) * inv_sigma) + math.exp((1.0 - 3.0) * inv_sigma)),
+        math.log(1 + math.exp((1.0 - 0.75) * inv_sigma) + math.exp((1.0 - 0.25) * inv_sigma)),
+    ], dtype=f64)
+    got = cll_loss(logits, target, pairwise, eps, p, pairwise=True, reduction="none")
+    assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # The same as handing over each sample's target row (B, C); the module form takes the flag too.
+    assert_close(cll_loss(logits, target, pairwise[target], eps, p, reduction="none"), expected, rtol=1e-12, atol=1e-12)
+    assert_close(CLLoss(eps, p, pairwise=True, reduction="none")(logits, target, pairwise), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cll_pairwise_matrix_when_batch_equals_classes() -> None:
+    # B == C: the shape cannot say whether a (C, C) tensor is rows or the matrix; the flag does.
+    pairwise = torch.tensor([[0.0, 2.0, 4.0], [2.0, 0.0, 1.0], [4.0, 1.0, 0.0]], dtype=f64)
+    logits = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.5, 1.0], [0.0, 1.0, 2.5]], dtype=f64)
+    target = torch.tensor([1, 0, 0])
+    as_matrix = cll_loss(logits, target, pairwise, 0.5, 0.2, pairwise=True, reduction="none")
+    as_rows = cll_loss(logits, target, pairwise, 0.5, 0.2, reduction="none")  # row b for sample b
+    assert_close(as_matrix, cll_loss(logits, target, pairwise[target], 0.5, 0.2, reduction="none"), rtol=0, atol=0)
+    assert not torch.allclose(as_matrix, as_rows)
+
+
+def test_cll_pairwise_matrix_needs_the_flag_and_the_shape() -> None:
+    pairwise = torch.tensor([[0.0, 2.0, 4.0], [2.0, 0.0, 1.0], [4.0, 1.0, 0.0]], dtype=f64)
+    logits, target = torch.zeros(2, 3, dtype=f64), torch.tensor([0, 2])
+    with pytest.raises(ValueError, match="pairwise=True"):
+        cll_loss(logits, target, pairwise, 0.5, 0.2)
+    with pytest.raises(ValueError, match=r"\(3, 3\) matrix"):
+        cll_loss(logits, target, pairwise[:2], 0.5, 0.2, pairwise=True)
+    with pytest.raises(ValueError, match="per_logit"):
+        cll_loss(logits, target, pairwise, 0.5, 0.2, pairwise=True, per_logit=True)
+
+
 def test_cll_module_equals_function() -> None:
     logits, target, lipschitz = _random_case(2, 8, 5)
     for kwargs in ({}, {"one_sided": True}, {"per_logit": True}, {"reduction": "sum"}, {"reduction": "none"}):

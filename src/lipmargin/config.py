@@ -279,7 +279,7 @@ def validate(cfg: RunConfig) -> None:
     """Range and name checks; registries are imported here so that the names are always current."""
     from lipmargin.data import list_datasets
     from lipmargin.models import list_models
-    from lipmargin.train import list_train_losses
+    from lipmargin.losses import list_train_losses
 
     _require(cfg.data.name in list_datasets(), f"data.name: unknown dataset {cfg.data.name!r}; choose one of {', '.join(list_datasets())}")
     _require(0.0 <= cfg.data.val_fraction < 1.0, f"data.val_fraction must be in [0, 1); got {cfg.data.val_fraction}")
@@ -407,7 +407,18 @@ def preset_description(name: str) -> str:
 def load_config(
     path: str | Path | None = None, *, preset: str | None = None, overrides: Sequence[str] = ()
 ) -> RunConfig:
-    """Preset (if any), then the YAML file (if any), then the overrides; validated."""
+    """Preset (if any), then the YAML file (if any), then the overrides; validated.
+
+    Without a preset or a file the default preset is the base.
+
+    >>> cfg = load_config(preset="moons-cll", overrides=["loss.eps=0.3", "train.epochs=2"])
+    >>> cfg.model.name, cfg.loss.name, cfg.loss.eps, cfg.train.epochs
+    ('moons-mlp', 'cll', 0.3, 2)
+    >>> load_config(preset="moons-cll", overrides=["loss.name=nope"])
+    Traceback (most recent call last):
+    ...
+    lipmargin.config.ConfigError: loss.name: unknown loss 'nope'; choose one of ce, ce-cr, cll, gloro, hkr, lmt
+    """
     values: dict[str, Any] = {}
     if preset is not None:
         values = preset_values(preset)

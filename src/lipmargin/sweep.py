@@ -28,16 +28,20 @@ from typing import Any
 
 import yaml
 
-from lipmargin.checkpoint import atomic_write_text, latest_checkpoint
+from lipmargin._io import atomic_write_text
+from lipmargin.checkpoint import latest_checkpoint
 from lipmargin.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict
-from lipmargin.train.runfolder import RunExistsError, move_aside, run_files
-from lipmargin.train import eps_key, fit, same_run_config
+from lipmargin.train import RunExistsError, eps_key, fit, move_aside, run_files, same_run_config
 
 __all__ = ["parse_grid", "expand_grid", "cell_name", "run_sweep", "write_results", "audit_summary", "aggregate", "mean_std", "SweepError"]
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
-    """``["loss.eps=0.15,0.5", "loss.p=0.01"]`` -> ``{"loss.eps": [0.15, 0.5], "loss.p": [0.01]}``."""
+    """``--grid`` items as lists of values per config key.
+
+    >>> parse_grid(["loss.eps=0.15,0.5", "loss.p=0.01"])
+    {'loss.eps': [0.15, 0.5], 'loss.p': [0.01]}
+    """
     grid: dict[str, list[Any]] = {}
     for item in items:
         if "=" not in item:
@@ -54,12 +58,21 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
 
 
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """All combinations, in the order the keys and values were given."""
+    """All combinations, in the order the keys and values were given.
+
+    >>> expand_grid({"loss.eps": [0.15, 0.5], "loss.p": [0.01]})
+    [{'loss.eps': 0.15, 'loss.p': 0.01}, {'loss.eps': 0.5, 'loss.p': 0.01}]
+    """
     keys = list(grid)
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
 def cell_name(params: dict[str, Any]) -> str:
+    """The folder name of a grid cell (``base`` for the empty grid).
+
+    >>> cell_name({"loss.eps": 0.5, "loss.p": 0.01}), cell_name({})
+    ('loss.eps=0.5,loss.p=0.01', 'base')
+    """
     return ",".join(f"{k}={v}" for k, v in params.items()) or "base"
 
 
@@ -68,7 +81,11 @@ def _override_strings(params: dict[str, Any]) -> list[str]:
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+    """Mean and sample standard deviation (ddof 1; 0 for a single value).
+
+    >>> mean_std([1.0, 3.0])
+    {'mean': 2.0, 'std': 1.4142135623730951}
+    """
     n = len(values)
     if n == 0:
         return {"mean": math.nan, "std": math.nan}
@@ -263,7 +280,7 @@ def _run_batched(
     todo: Sequence[tuple[dict[str, Any], RunConfig, Path, bool]], group_size: int | None, emit: Callable[[dict[str, Any]], None]
 ) -> None:
     """Train ``todo`` in batched groups; a group of one trains as a plain run."""
-    from lipmargin.train.batched import plan_groups, train_group
+    from lipmargin.train import plan_groups, train_group
 
     groups = plan_groups([cfg for _, cfg, _, _ in todo], group_size)
     failures: list[str] = []

@@ -31,13 +31,13 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from lipmargin._io import atomic_write_text
 from lipmargin.certify import CertifyResult
 from lipmargin.checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointRef,
     PendingCheckpoint,
-    atomic_write_text,
     list_checkpoints,
     load_checkpoint,
     read_checkpoint_ref,
@@ -58,22 +58,20 @@ from lipmargin.train.stacked import (
     stack_members,
     stacked_optimizer_state,
 )
-from lipmargin.train import (
-    TrainingError,
-    _append_line,
-    _rewrite_metrics,
-    _TensorBoard,
-    build_model,
-    build_optimizer,
-    dist_info_from_env,
-    evaluate,
-    load_run_data,
+from lipmargin.train.build import build_optimizer, init_model, load_run_data, rng_devices
+from lipmargin.train.ddp import dist_info_from_env
+from lipmargin.train.errors import TrainingError
+from lipmargin.train.hardware import resolve_device
+from lipmargin.train.runfiles import (
+    TensorBoardLog,
+    append_record,
     metrics_record,
-    resolve_device,
-    run_summary,
+    rewrite_metrics,
     run_checkpoint,
+    run_summary,
     write_run_end,
 )
+from lipmargin.train.step import evaluate
 
 __all__ = ["BATCHED_LOSSES", "group_key", "plan_groups", "train_group", "member_bytes_estimate"]
 
@@ -231,6 +229,16 @@ def train_group(
         raise ValueError("train_group: the runs do not form one batched group (see lipmargin.train.batched.group_key)")
     if dist_info_from_env().world_size > 1:
         raise TrainingError("batched sweeps train in one process; start them without torchrun")
+    # Each member sets the global RNG to its own stream (as its separate fit would); the caller's
+    # state is restored afterwards.
+    with torch.random.fork_rng(devices=rng_devices()):
+        return _train_group(runs, emit, group, vmap_only)
+
+
+def _train_group(
+    runs: Sequence[tuple[RunConfig, str | Path]], emit: Callable[[dict[str, Any]], None], group: tuple[int, int],
+    vmap_only: bool,
+) -> list[str]:
     members = [_Member(cfg, Path(out)) for cfg, out in runs]
     base = members[0].cfg
     device = resolve_device(base.train.device)
@@ -238,10 +246,10 @@ def train_group(
     data = load_run_data(base)
     start = _common_start(members)
     for m in members:
-        m.model = build_model(m.cfg, data.train.input_shape, data.train.num_classes).to(device)
+        model, m.rng = init_model(m.cfg, data.train.input_shape, data.train.num_classes)  # the RNG as fit's run has it
+        m.model = model.to(device)
         if fp64:
             m.model = m.model.double()
-        m.rng = torch_rng_state()
         if m is members[0]:
             per_member = member_bytes_estimate(m.model, base.train.batch_size)
             free = _free_bytes(device)
@@ -249,7 +257,7 @@ def train_group(
                 raise _memory_error(len(members), per_member, free)
         _open_run_folder(m, start)
     params, buffers = stack_members([m.model for m in members])
-    optimizer = build_optimizer(nn.ParameterList(params.values()), base, device)
+    optimizer = build_optimizer(nn.ParameterList(params.values()), base.optim, device)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(base.optim.milestones), base.optim.gamma)
     if start > 0:
         try:
@@ -328,7 +336,7 @@ def train_group(
                 m.last_eval = _evaluate(m, data.eval)
                 record.update(metrics_record(m.last_eval))
                 record["eval_split"] = data.eval_split
-            _append_line(m.out / "metrics.jsonl", record)
+            append_record(m.out / "metrics.jsonl", record)
             m.board.log(record)
             if is_last or epoch % m.cfg.train.checkpoint_every == 0:
                 owners.append(m)
@@ -373,10 +381,10 @@ def _open_run_folder(m: _Member, start: int) -> None:
         m.final_ref = m.checkpoint.ref
         m.rng = m.checkpoint.extra_state.get("rng", m.rng)
         m.train_seconds = float(m.checkpoint.meta.get("train_seconds", 0.0))
-        _rewrite_metrics(m.out / "metrics.jsonl", start)
+        rewrite_metrics(m.out / "metrics.jsonl", start)
     elif (m.out / "metrics.jsonl").exists():
         (m.out / "metrics.jsonl").unlink()
-    m.board = _TensorBoard(m.out / "tensorboard")
+    m.board = TensorBoardLog(m.out / "tensorboard")
 
 
 def _evaluate(m: _Member, ds: Any) -> CertifyResult:

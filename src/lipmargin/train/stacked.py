@@ -34,7 +34,7 @@ from lipmargin.lipschitz import (
 )
 from lipmargin.losses import lipschitz_penalty
 from lipmargin.models import LipschitzNet
-from lipmargin.train import TRAIN_LOSSES
+from lipmargin.losses import TRAIN_LOSSES
 
 __all__ = ["stack_members", "StackedForward", "VmapForward", "member_losses", "converge_members"]
 
@@ -116,9 +116,9 @@ def _module_names(model: nn.Module) -> dict[int, str]:
 class StackedForward:
     """``x (M, B, ...) -> (logits (M, B, C), K (M,), advanced vectors)`` with bmm / grouped convs."""
 
-    def __init__(self, template: LipschitzNet, params: dict[str, Tensor], buffers: dict[str, Tensor], power_iters: int, fp64: bool) -> None:
+    def __init__(self, template: LipschitzNet, params: dict[str, Tensor], buffers: dict[str, Tensor], n_iter: int, fp64: bool) -> None:
         self.template, self.params, self.buffers = template, params, buffers
-        self.power_iters, self.fp64 = power_iters, fp64
+        self.n_iter, self.fp64 = n_iter, fp64
         names = _module_names(template)
         bound = template.bound
         self.layers = [(names[id(m)], m) for m in bound.layers]
@@ -157,9 +157,9 @@ class StackedForward:
                 continue
             fwd, adj = _stacked_operator(m, self.params[f"{name}.weight"], shape)
             v = self.buffers[f"bound.{vec}"]
-            if self.power_iters > 0:
+            if self.n_iter > 0:
                 with torch.no_grad():
-                    v = power_iteration(fwd, adj, v, self.power_iters, batched=True)
+                    v = power_iteration(fwd, adj, v, self.n_iter, batched=True)
                 vectors[vec] = v
             sigmas.append(operator_norm_estimate(fwd, v.detach(), batched=True))
         return logits, torch.stack(sigmas).prod(0), vectors
@@ -168,25 +168,25 @@ class StackedForward:
 class _MemberForward(nn.Module):
     """``x -> (logits, K, advanced vectors)`` of one member (what :class:`TrainStep` computes)."""
 
-    def __init__(self, model: LipschitzNet, power_iters: int, fp64: bool) -> None:
+    def __init__(self, model: LipschitzNet, n_iter: int, fp64: bool) -> None:
         super().__init__()
         self.model = model
-        self.power_iters = power_iters
+        self.n_iter = n_iter
         self.fp64 = fp64
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         if self.fp64:
             x = x.double()
         logits = self.model(x)
-        k, _, vectors = self.model.bound.advance(self.power_iters)
+        k, _, vectors = self.model.bound.advance(self.n_iter)
         return logits, k, vectors
 
 
 class VmapForward:
     """Same contract as :class:`StackedForward`, for any LipschitzNet (vmap over ``functional_call``)."""
 
-    def __init__(self, template: LipschitzNet, params: dict[str, Tensor], buffers: dict[str, Tensor], power_iters: int, fp64: bool) -> None:
-        step = _MemberForward(template, power_iters, fp64)
+    def __init__(self, template: LipschitzNet, params: dict[str, Tensor], buffers: dict[str, Tensor], n_iter: int, fp64: bool) -> None:
+        step = _MemberForward(template, n_iter, fp64)
         self.params = {f"model.{n}": t for n, t in params.items()}
         self.buffers = {f"model.{n}": t for n, t in buffers.items()}
         self._forward = vmap(lambda p, b, x: functional_call(step, (p, b), (x,)))
