@@ -68,3 +68,4 @@ def _certify(args: argparse.Namespace) -> int:
             print(f"certified accuracy @ {label:<7} {acc:.4f}")
         print(f"Lipschitz (sound)           {bounds['sound'].lipschitz:.6g}")
         print(f"Lipschitz (power estimate)  {bounds['power'].lipschitz:.6g}")
+    return 0
