@@ -121,6 +121,15 @@ def _set_threads(threads: int | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code (2: bad input,
+    said in one line on stderr; with ``--debug`` the traceback instead).
+
+    >>> main(["--version"])
+    lipmargin 0.1.0
+    0
+    >>> main(["models", "--no-such-flag"])  # argparse's usage message goes to stderr
+    2
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -87,6 +87,15 @@ def check_against_certify(label: Tensor, radius: Tensor, ref_label: Tensor, ref_
 
     Returns the largest relative deflation ``(r_certify - r) / r_certify`` (in ``[0, 1]``); raises
     :class:`ExportError` (one line) otherwise.
+
+    >>> import torch
+    >>> ref_label, ref_radius = torch.tensor([0, 1]), torch.tensor([0.5, 0.0], dtype=torch.float64)
+    >>> check_against_certify(torch.tensor([0, 0]), torch.tensor([0.25, 0.0], dtype=torch.float64), ref_label, ref_radius, "f")
+    0.5
+    >>> check_against_certify(torch.tensor([0, 1]), torch.tensor([0.75, 0.0], dtype=torch.float64), ref_label, ref_radius, "f")
+    Traceback (most recent call last):
+    ...
+    lipmargin.export.check.ExportError: check failed: f claims a larger radius than certify() for 1 of 2 test samples (first: sample 0, 0.75 > 0.5)
     """
     n = int(ref_radius.numel())
     if label.shape != ref_label.shape or radius.shape != ref_radius.shape:

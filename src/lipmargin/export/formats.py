@@ -123,7 +123,8 @@ def _jit_load(path: Path) -> Any:
 
 def _rewrite(path: Path, write: Callable[[Path], None]) -> None:
     """Write a new version of ``path`` next to it, then replace it (never reading and writing one file)."""
-    tmp = path.with_name(f"{path.name}.meta.tmp")
+    # Same suffix: torch.export.save warns about an archive name not ending in .pt2.
+    tmp = path.with_name(f"{path.stem}.meta-tmp{path.suffix}")
     write(tmp)
     os.replace(tmp, path)
 
@@ -244,7 +245,15 @@ def _save_onnx(predictor: CertifiedPredictor, example: Tensor, path: Path) -> No
 
 
 def get_format(name: str) -> ExportFormat:
-    """The registered format ``name``; ``ValueError`` listing the formats otherwise."""
+    """The registered format ``name``; ``ValueError`` listing the formats otherwise.
+
+    >>> get_format("onnx").suffix, get_format("torchscript").dtype
+    ('.onnx', torch.float64)
+    >>> get_format("tflite")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown export format 'tflite'; choose one of onnx, torch-export, torchscript
+    """
     fmt = EXPORT_FORMATS.get(name)
     if fmt is None:
         raise ValueError(f"unknown export format {name!r}; choose one of {', '.join(sorted(EXPORT_FORMATS))}")
