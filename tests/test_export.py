@@ -416,3 +416,21 @@ def test_a_margin_within_rounding_of_the_boundary_gets_radius_zero() -> None:
     assert 0 < float(r_plain) < 1e-12  # what an allowance-free radius claims
     _, radius = build_predictor(model, bound)(x)
     assert float(radius) == 0.0
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--format", "tflite"], "unknown export format 'tflite'"),  # said before the run folder is read
+        (["--format", "torchscript", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--format", "torchscript"], "does not exist"),
+    ],
+)
+def test_cli_export_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str], needle: str) -> None:
+    from lipmargin.cli import main
+
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "no-such-run"), *argv, "--out", str(tmp_path / "m.out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
