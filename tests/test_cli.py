@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from lipmargin.cli import main
 from lipmargin.config import list_presets
@@ -63,8 +65,82 @@ def test_certify_json(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     assert 0.5 < clean <= 1.0
     assert clean >= cert["0.15"] >= cert["0.3"] >= 0.0
     assert payload["lipschitz"] > 0
-    # The sound certificate is never more optimistic than the run's own (power) evaluation.
-    assert cert["0.15"] <= _summary(tiny_run)["certified_accuracy"]["0.15"]
+
+
+def _moons_truth(run: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, nn.Module]:
+    """Computed without certify(): the rebuilt model in float64, its logits on the whole test
+    split, the labels and the inputs."""
+    from lipmargin.data import load_dataset, to_float
+    from lipmargin.train import load_run
+
+    _, model, _ = load_run(run)
+    model = model.double().eval().requires_grad_(False)
+    test = load_dataset("moons", None, "test")
+    x = to_float(test.inputs).double()  # (N, 2)
+    return model(x), test.labels, x, model
+
+
+def _gradient_lower(model: nn.Module, x: torch.Tensor) -> float:
+    """max over ``x`` of ||grad (f_0 - f_1)||: a lower bound of Lip(f_0 - f_1)."""
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    (grad,) = torch.autograd.grad((out[:, 0] - out[:, 1]).sum(), xg)
+    return float(grad.norm(dim=1).max())
+
+
+def _pgd_flips(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius: torch.Tensor, steps: int = 40) -> torch.Tensor:
+    """An L2 PGD (written here, independent of lipmargin.certify.attacks) that pushes the margin
+    of ``pred`` down inside the ball of ``radius`` (per sample); True where the prediction flips."""
+    other = 1 - pred  # two classes
+    delta = torch.zeros_like(x)
+    step = (2.5 * radius / steps).unsqueeze(1)  # (N, 1)
+    flipped = torch.zeros_like(pred, dtype=torch.bool)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = model(x + delta)
+        margin = logits.gather(1, pred[:, None]) - logits.gather(1, other[:, None])  # (N, 1)
+        (grad,) = torch.autograd.grad(margin.sum(), delta)
+        with torch.no_grad():
+            flipped |= margin.squeeze(1) < 0
+            delta = delta - step * grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            norm = delta.norm(dim=1, keepdim=True)
+            delta = delta * torch.clamp(radius.unsqueeze(1) / norm.clamp_min(1e-30), max=1.0)
+    with torch.no_grad():
+        flipped |= model(x + delta).argmax(1) != pred
+    return flipped
+
+
+def test_certify_json_against_independent_truths(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    """The CLI's certified accuracy and sound Lipschitz number against truths computed here:
+    - its bound is >= the input-gradient norm of f_0 - f_1 at every test point (a lower bound of
+      the true constant);
+    - with two classes the certified radius is margin / L: recounting the certified samples from
+      float64 logits of the rebuilt model and the JSON's L gives the CLI's numbers;
+    - an L2 PGD attack inside each such radius never changes the prediction (and does change it
+      for most samples in a ball three times larger: the attack is not toothless)."""
+    payload = _certify_json(capsys, str(tiny_run), "--eps", "0.15,0.3")
+    lip = payload["lipschitz"]
+    assert payload["sound"] is True and lip == payload["lipschitz_sound"]
+    logits, labels, x, model = _moons_truth(tiny_run)
+
+    assert _gradient_lower(model, x) <= lip * (1 + 1e-9)
+
+    pred = logits.argmax(1)
+    radius = (logits[:, 0] - logits[:, 1]).abs() / lip  # (N,) margin / Lip(f_0 - f_1)
+    n = labels.numel()
+    assert payload["num_samples"] == n
+    for key, eps in (("0.15", 0.15), ("0.3", 0.3)):
+        hand = int(((pred == labels) & (radius > eps)).sum())
+        # a sample within rounding of eps may fall either way (certify deflates by ~1e-12)
+        boundary = int(((radius - eps).abs() < 1e-9).sum())
+        assert abs(round(payload["certified_accuracy"][key] * n) - hand) <= boundary, key
+    assert payload["clean_accuracy"] == pytest.approx(float((pred == labels).double().mean()), abs=0.5 / n)
+
+    inside = radius > 0.15  # every sample certified at 0.15 (right or wrong label)
+    assert int(inside.sum()) > 100
+    xs, ps, rs = x[inside], pred[inside], radius[inside]
+    assert not bool(_pgd_flips(model, xs, ps, rs * (1 - 1e-6)).any())
+    assert float(_pgd_flips(model, xs, ps, 3 * rs).double().mean()) > 0.5
 
 
 def test_certify_eps_keys_as_typed(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
@@ -80,6 +156,10 @@ def test_certify_power_bound(tiny_run: Path, capsys: pytest.CaptureFixture) -> N
     power = _certify_json(capsys, str(tiny_run), "--eps", "0.15,0.3", "--bound", "power")
     assert power["bound_method"] == "power" and power["sound"] is False
     assert power["lipschitz"] <= sound["lipschitz"]
+    # A converged power iteration per layer composes to an upper bound of the network's constant
+    # (up to its convergence tolerance): at least the largest input-gradient norm.
+    _, _, x, model = _moons_truth(tiny_run)
+    assert power["lipschitz"] >= _gradient_lower(model, x) * (1 - 1e-6)
     assert power["clean_accuracy"] == sound["clean_accuracy"]
     for eps in ("0.15", "0.3"):
         assert power["certified_accuracy"][eps] >= sound["certified_accuracy"][eps]

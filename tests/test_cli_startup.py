@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lipmargin
-from lipmargin import cli
+from lipmargin.cli import certify_cmd
 from lipmargin.cli import main
 from lipmargin.threads import CpuLoad, _procs_running, choose_threads, read_cpu_load
 
@@ -132,7 +132,7 @@ def test_out_of_memory_is_one_line_naming_the_knob(
 
 
 def test_out_of_memory_in_certify_names_the_device(tiny_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(cli, "_load_certifiable", _raise(torch.OutOfMemoryError("CUDA out of memory.")))
+    monkeypatch.setattr(certify_cmd, "load_certifiable", _raise(torch.OutOfMemoryError("CUDA out of memory.")))
     capsys.readouterr()
     assert main(["certify", str(tiny_run)]) == 2
     err = capsys.readouterr().err

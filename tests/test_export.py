@@ -25,7 +25,7 @@ from lipmargin.export import (
 )
 from lipmargin.nn.activations import GroupSort, MaxMin, Normalize
 from lipmargin.models import LipschitzNet
-from lipmargin.train import load_run
+from lipmargin.train import load_run, open_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -51,10 +51,17 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _export_run(run: Path, fmt: str, out: Path, **kwargs: object) -> ExportResult:
+    """What `lipmargin export RUN` does: open the run, export its model checked on its test split."""
+    loaded = open_run(run, "cpu")
+    test = load_dataset(loaded.config.data.name, loaded.config.data.root, "test")
+    return export_certified(loaded.model, fmt, out, test_inputs=test.inputs, checkpoint=loaded.checkpoint, **kwargs)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def exported(digits_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportResult]:
     path = tmp_path_factory.mktemp("export") / "digits.pt"
-    return path, export_certified(digits_run, "torchscript", path)
+    return path, _export_run(digits_run, "torchscript", path)
 
 
 # The check a user would run: nothing but torch, in a new interpreter (-I: no PYTHONPATH, no cwd).
@@ -163,16 +170,16 @@ def test_tampered_bound_fails_the_check_and_writes_nothing(
     digits_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Bake half the sound bound: radii double, the fresh-process check refuses the file."""
-    import lipmargin.export as export
+    import lipmargin.export.api as export_api
 
-    def halved(model: LipschitzNet, method: str = "sound"):
-        bound = model_bound(model, method)
-        return dataclasses.replace(bound, pairwise=bound.pairwise / 2)
+    def halved(model: LipschitzNet, method: str = "sound", **kwargs: object):
+        bound = model_bound(model, method, **kwargs)  # type: ignore[arg-type]
+        return dataclasses.replace(bound, pairwise=bound.pairwise / 2)  # same weights: same fingerprint
 
-    monkeypatch.setattr(export, "model_bound", halved)
+    monkeypatch.setattr(export_api, "model_bound", halved)
     out = tmp_path / "digits.pt"
     with pytest.raises(ExportError, match=r"claims a larger radius than certify\(\) for \d+ of 360") as info:
-        export_certified(digits_run, "torchscript", out)
+        _export_run(digits_run, "torchscript", out)
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -192,13 +199,13 @@ def test_a_wrong_file_fails_the_check_and_keeps_an_existing_export(
     out = tmp_path / "digits.pt"
     out.write_bytes(b"an earlier export")
     with pytest.raises(ExportError, match="check failed: the exported torchscript file"):
-        export_certified(digits_run, "torchscript", out)
+        _export_run(digits_run, "torchscript", out)
     assert out.read_bytes() == b"an earlier export"
     assert [p.name for p in tmp_path.iterdir()] == ["digits.pt"]
 
 
 def test_torch_export_format_passes_the_check(digits_run: Path, tmp_path: Path) -> None:
-    result = export_certified(digits_run, "torch-export", tmp_path / "m.pt2")
+    result = _export_run(digits_run, "torch-export", tmp_path / "m.pt2")
     assert result.num_samples == 360 and result.max_relative_difference <= DEFLATION_RTOL
     assert result.runtime is not None and result.runtime.startswith("torch.export.load")
     label, radius = torch.export.load(str(result.path)).module()(torch.rand(1, 1, 8, 8))
@@ -206,22 +213,28 @@ def test_torch_export_format_passes_the_check(digits_run: Path, tmp_path: Path) 
 
 
 def test_unchecked_export_loads(digits_run: Path, tmp_path: Path) -> None:
-    result = export_certified(digits_run, "torchscript", tmp_path / "sub" / "m.pt", check=False)
+    result = _export_run(digits_run, "torchscript", tmp_path / "sub" / "m.pt", check=False)
     assert result.num_samples == 0 and result.max_relative_difference is None and result.runtime is None
     label, radius = torch.jit.load(str(result.path))(torch.rand(3, 1, 8, 8))
     assert label.shape == radius.shape == (3,)
 
 
 def test_unknown_format_lists_the_formats(tmp_path: Path) -> None:
-    # Checked before the run folder is even read.
+    # Checked before anything is computed.
     with pytest.raises(ValueError, match=r"unknown export format 'tflite'; choose one of onnx, torch-export, torchscript"):
-        export_certified(tmp_path / "no-such-run", "tflite", tmp_path / "m.tflite")
+        export_certified(_every_layer_net(), "tflite", tmp_path / "m.tflite")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_batch_size(digits_run: Path, tmp_path: Path) -> None:
+def test_bad_batch_size(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
-        export_certified(digits_run, "torchscript", tmp_path / "m.pt", batch_size=0)
+        export_certified(_every_layer_net(), "torchscript", tmp_path / "m.pt", test_inputs=torch.rand(4, 1, 8, 8), batch_size=0)
+
+
+def test_a_check_without_test_inputs_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="check=True needs test_inputs"):
+        export_certified(_every_layer_net(), "torchscript", tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_layer_without_an_export_rule_is_refused(digits_run: Path) -> None:
@@ -236,6 +249,50 @@ def test_a_layer_without_an_export_rule_is_refused(digits_run: Path) -> None:
         build_predictor(model, model_bound(model, "sound"))
 
 
+def test_a_stale_bound_is_refused(tmp_path: Path) -> None:
+    """A bound remembers the weights it was computed from (its fingerprint): after the weights
+    change, baking the old bound in is refused, by build_predictor and by export_certified."""
+    model = _every_layer_net()
+    stale = model_bound(model, "sound")
+    with torch.no_grad():
+        model.head.weight.mul_(4.0)  # every f_i - f_j scales by 4: the old numbers no longer hold
+    fresh = model_bound(model, "sound")
+    torch.testing.assert_close(fresh.pairwise, 4 * stale.pairwise, rtol=1e-12, atol=0.0)
+    with pytest.raises(ValueError, match="other weights"):
+        build_predictor(model, stale)
+    with pytest.raises(ValueError, match="other weights"):
+        export_certified(model, "torchscript", tmp_path / "m.pt", bound=stale, check=False)
+    assert list(tmp_path.iterdir()) == []
+    assert build_predictor(model, fresh).pairwise.shape == (3, 3)  # the current bound is accepted
+
+
+def test_a_model_in_memory_is_exported_and_left_unchanged(tmp_path: Path) -> None:
+    """No run folder: the model, test inputs and no checkpoint; the caller's model keeps its
+    mode, dtype and weights, and the file's metadata names no checkpoint."""
+    from lipmargin.export import read_export_metadata
+
+    model = _every_layer_net().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(24, 1, 8, 8)
+    result = export_certified(model, "torchscript", tmp_path / "m.pt", test_inputs=x, batch_size=7)
+    assert model.training and model.head.weight.dtype == torch.float32
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert result.num_samples == 24 and result.epoch is None and result.checkpoint is None
+    meta = read_export_metadata(result.path)
+    assert meta["format"] == "torchscript" and not any(k.startswith("checkpoint") for k in meta)
+    label, radius = torch.jit.load(str(result.path))(x)
+    reference = certify(model, [(x, torch.zeros(24, dtype=torch.long))], [], method="sound")
+    assert torch.equal(label, reference.prediction)
+    _assert_one_sided(radius, reference.radius)
+
+
+def test_a_model_without_features_and_head_is_refused(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(ExportError, match="cannot export Sequential.*no features, head, in_shape, num_classes"):
+        export_certified(model, "torchscript", tmp_path / "m.pt", check=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unsound_bound_is_refused() -> None:
     model = _every_layer_net()
     with pytest.raises(ValueError, match="needs a sound bound"):
@@ -246,9 +303,9 @@ _HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxs
 
 
 @pytest.mark.skipif(_HAS_ONNX, reason="onnx, onnxscript and onnxruntime are installed")
-def test_onnx_without_the_extra_names_it(digits_run: Path, tmp_path: Path) -> None:
+def test_onnx_without_the_extra_names_it(tmp_path: Path) -> None:
     with pytest.raises(ImportError, match=r"pip install onnx onnxscript onnxruntime \(or pip install -e '\.\[export\]'"):
-        export_certified(digits_run, "onnx", tmp_path / "m.onnx")
+        export_certified(_every_layer_net(), "onnx", tmp_path / "m.onnx", check=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -257,7 +314,7 @@ def test_onnx_float32_file_runs_in_onnxruntime_below_certify(digits_run: Path, t
     float32 radii are <= certify()'s float64 radii on the whole test split."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    result = export_certified(digits_run, "onnx", tmp_path / "m.onnx")
+    result = _export_run(digits_run, "onnx", tmp_path / "m.onnx")
     assert result.num_samples == 360 and result.runtime is not None and result.runtime.startswith("onnxruntime")
     _, model, _ = load_run(digits_run)
     test = load_dataset("digits", None, "test")
@@ -359,3 +416,21 @@ def test_a_margin_within_rounding_of_the_boundary_gets_radius_zero() -> None:
     assert 0 < float(r_plain) < 1e-12  # what an allowance-free radius claims
     _, radius = build_predictor(model, bound)(x)
     assert float(radius) == 0.0
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--format", "tflite"], "unknown export format 'tflite'"),  # said before the run folder is read
+        (["--format", "torchscript", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--format", "torchscript"], "does not exist"),
+    ],
+)
+def test_cli_export_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str], needle: str) -> None:
+    from lipmargin.cli import main
+
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "no-such-run"), *argv, "--out", str(tmp_path / "m.out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -207,7 +207,10 @@ def test_export_metadata_names_the_chosen_checkpoint(run: Path, tmp_path: Path, 
     assert meta["checkpoint_sha256"] == _sha256(older)
     assert meta["checkpoint_file"] == older.name and meta["checkpoint_epoch"] == "2"
     # The Python API: the result carries the same reference.
-    result = export_certified(run, "torch-export", tmp_path / "model.pt2", check=False, checkpoint=OLDER)
+    from lipmargin.train import open_run
+
+    loaded = open_run(run, "cpu", checkpoint=OLDER)  # export works on a model in memory
+    result = export_certified(loaded.model, "torch-export", tmp_path / "model.pt2", check=False, checkpoint=loaded.checkpoint)
     assert result.checkpoint is not None
     assert (result.checkpoint.path, result.checkpoint.epoch, result.checkpoint.sha256) == (older, 2, _sha256(older))
     assert read_export_metadata(tmp_path / "model.pt2")["checkpoint_sha256"] == _sha256(older)
@@ -232,7 +235,10 @@ def test_onnx_export_metadata_names_the_checkpoint(tiny_run: Path, tmp_path: Pat
     pytest.importorskip("onnxscript")
     from lipmargin.export import export_certified, read_export_metadata
 
-    result = export_certified(tiny_run, "onnx", tmp_path / "model.onnx", check=False)
+    from lipmargin.train import open_run
+
+    loaded = open_run(tiny_run, "cpu")
+    result = export_certified(loaded.model, "onnx", tmp_path / "model.onnx", check=False, checkpoint=loaded.checkpoint)
     newest = tiny_run / "checkpoints" / f"{NEWEST}.safetensors"
     assert result.checkpoint is not None and result.checkpoint.sha256 == _sha256(newest)
     meta = read_export_metadata(tmp_path / "model.onnx")
