@@ -60,8 +60,8 @@ def main() -> None:
     p.add_argument("name")
     p.add_argument("--command", required=True, help="the exact training command")
     p.add_argument("--sample-size", type=int, default=1000)
-    p.add_argument("--sample-note", default="")
     p.add_argument("--commit", default="")
+    p.add_argument("--note", default="", help="recorded as info['note'] (e.g. a run stopped early)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/lipmargin/pretrained")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +70,7 @@ def main() -> None:
     cfg, model = loaded.config, loaded.model
     state = {k: (v.detach().to(torch.float32) if v.is_floating_point() else v.detach()).contiguous().cpu()
              for k, v in model.state_dict().items()}
+    same_as_run = all(torch.equal(state[k], v.cpu()) and state[k].dtype == v.dtype for k, v in model.state_dict().items())
     weights = st_save(state, metadata={"format": "pt"})
     (args.out / f"{args.name}.safetensors").write_bytes(weights)
 
@@ -100,30 +101,36 @@ def main() -> None:
         "eval_eps": eps,
         "weights": {"file": f"{args.name}.safetensors", "sha256": hashlib.sha256(weights).hexdigest(),
                     "dtype": "float32", "epoch": loaded.epoch,
-                    "trained_precision": cfg.train.precision},
+                    "trained_precision": cfg.train.precision,
+                    # True: the run's own checkpoint was float32 already, so run_certify / audit are of these weights
+                    "same_as_run_checkpoint": same_as_run,
+                    "run_checkpoint_sha256": loaded.checkpoint.sha256},
         "eval_sample": {"file": sample_file, "sha256": hashlib.sha256(sample).hexdigest(),
                         "description": f"{whole} of {cfg.data.name} (lipmargin.data.load_dataset "
-                                       f"{cfg.data.name!r}, split 'test', in order){args.sample_note}",
+                                       f"{cfg.data.name!r}, split 'test', in order)",
                         "inputs_dtype": str(test.inputs.dtype).replace("torch.", "")},
         "training": {"command": args.command, "config": config_to_dict(cfg)},
         "lipmargin_version": lipmargin.__version__,
         "git_commit": args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                                                     text=True, check=False).stdout.strip(),
     }
+    if args.note:
+        info["note"] = args.note
     json_path = args.out / f"{args.name}.json"
     json_path.write_text(json.dumps(info, indent=1) + "\n")
 
     # certify the shipped files exactly as a user loads them
     shipped, _ = load_pretrained(args.name, root=args.out)
     info["eval_sample"].update(_certified(shipped, pretrained_eval_sample(args.name, root=args.out), eps))
-    info["test_set"] = _certified(shipped, test, eps)
+    if not same_as_run:  # (else the run's certify.json, embedded below, is this certificate)
+        info["test_set"] = _certified(shipped, test, eps)
     for what, file in (("run_certify", "certify.json"), ("audit", "audit.json")):
         path = args.run_dir / file
         if path.is_file():
             record = json.loads(path.read_text())
             info[what] = _audit_summary(record) if what == "audit" else record
     json_path.write_text(json.dumps(info, indent=1) + "\n")
-    print(json.dumps({k: info[k] for k in ("name", "eval_sample", "test_set")}, indent=1))
+    print(json.dumps({k: info.get(k) for k in ("name", "eval_sample", "test_set")}, indent=1))
 
 
 if __name__ == "__main__":
