@@ -10,11 +10,14 @@
 # certifying the SHIPPED float32 weights on the shipped sample and on the whole test split.
 # Fashion-MNIST is read from /usr/share/datasets/fashion-mnist (Debian: apt install dataset-fashion-mnist).
 #
-# Fashion-MNIST budget (measured 2026-11-30 on the 2-core build machine, load average 11-14 from other
-# jobs): the preset trained at 10-18 img/s on one thread, i.e. ~1 h per 60 000-image epoch.  The shipped
-# model had to be built in ~15 min, so it trains on a class-stratified 3 000-image subset for 3 epochs,
-# the preset's milestones [20, 27] of 30 epochs scaled to [2]; a ~25 min single-thread budget on an idle
-# machine allows more (e.g. FMNIST_TRAIN_SIZE=60000 FMNIST_EPOCHS=3 FMNIST_MILESTONES=[2]).
+# Fashion-MNIST (NOT shipped yet; built only with FMNIST=1): measured 2026-11-30 on the 2-core build
+# machine under load average 11-14 from other jobs, the preset trained at 15-18 img/s under nice 5 and
+# ~50 img/s under nice 0 (one thread; ~180 img/s of CPU time), i.e. 20-60 min per 60 000-image epoch.
+# The attempt that fitted the deadline (3 000-image class-stratified subset, 3 epochs, milestones [2]
+# = the preset's [20, 27] of 30 scaled) reached clean accuracy 0.216 and certified accuracy 0 at every
+# radius (72 optimiser steps are far too few for CLL from this init), so it was not shipped.  On an idle
+# machine ~25 min of one thread allows ~4-5 full epochs: FMNIST=1 FMNIST_TRAIN_SIZE=60000 FMNIST_EPOCHS=4
+# FMNIST_MILESTONES=[3] (the preset's 20/30 and 27/30 of 4 epochs), then add its name to tests/test_pretrained.py.
 # The moons recipe is 1001 epochs; the shipped moons model stopped early (see its JSON's "note").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +27,7 @@ py=${PYTHON:-python}
 lm="$py -m lipmargin --threads 1"
 commit=$(git rev-parse HEAD)
 mkdir -p "$runs"
-fm_size=${FMNIST_TRAIN_SIZE:-3000}; fm_epochs=${FMNIST_EPOCHS:-3}; fm_milestones=${FMNIST_MILESTONES:-[2]}
+fm_size=${FMNIST_TRAIN_SIZE:-60000}; fm_epochs=${FMNIST_EPOCHS:-4}; fm_milestones=${FMNIST_MILESTONES:-[3]}
 
 build() {  # build NAME "AUDIT ARGS" TRAIN ARGS...
   local name=$1 audit=$2; shift 2
@@ -42,6 +45,8 @@ build() {  # build NAME "AUDIT ARGS" TRAIN ARGS...
 small="--pgd-steps 20 --pgd-restarts 1 --lobo-pairs 50 --lobo-steps 50"
 build digits-2c2f-cll "--autoattack --n 50 $small" --preset digits-cll
 build moons-mlp-cll "--n 200 $small" --preset moons-cll
-build fmnist-4c3f-cll "--autoattack --n 30 $small" \
+if [ "${FMNIST:-0}" = 1 ]; then
+  build fmnist-4c3f-cll "--autoattack --n 30 $small" \
   --preset fmnist-4c3f-cll --set data.root=/usr/share/datasets/fashion-mnist --set data.train_size="$fm_size" \
   --set data.test_size=1000 --set train.epochs="$fm_epochs" --set optim.milestones="$fm_milestones" --set eval.every=0
+fi

@@ -17,7 +17,7 @@ from lipmargin.config import config_from_dict
 from lipmargin.data import DatasetError, load_dataset, to_float
 from lipmargin.pretrained import PretrainedError, list_pretrained, load_pretrained, pretrained_eval_sample
 
-NAMES = ["digits-2c2f-cll", "fmnist-4c3f-cll", "moons-mlp-cll"]
+NAMES = ["digits-2c2f-cll", "moons-mlp-cll"]
 FOLDER = resources.files("lipmargin").joinpath("pretrained")
 
 
@@ -32,11 +32,11 @@ def _copy(name: str, dest: Path) -> Path:
     return dest
 
 
-def test_the_three_models_are_shipped():
+def test_the_shipped_models_are_listed():
     assert list_pretrained() == NAMES
     total = sum(FOLDER.joinpath(f"{n}{s}").stat().st_size if hasattr(FOLDER, "stat") else
                 len(FOLDER.joinpath(f"{n}{s}").read_bytes()) for n in NAMES for s in (".safetensors", ".sample.npz"))
-    assert total < 12 * 2**20
+    assert total < 8 * 2**20
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -76,7 +76,7 @@ def test_sound_certificate_on_the_sample_reproduces_the_record(name):
         assert round(res.certified_accuracy[e] * n) == round(rec["certified_accuracy"][repr(e)] * n)
     accs = [res.certified_accuracy[e] for e in sorted(info["eval_eps"])]
     assert all(a >= b for a, b in zip(accs, accs[1:])) and accs[0] <= res.clean_accuracy
-    assert accs[0] > 0.3  # a trained model, not a random one
+    assert accs[0] > 0.5  # a trained model, not a random one: the check above certified something
     # an attack-free truth check of the certificate: the recorded sound Lipschitz bound is at least
     # the gradient norm of every logit difference at the sample (a lower bound of the true constant)
     x = to_float(sample.inputs[:32]).to(torch.float64).requires_grad_(True)
@@ -135,7 +135,7 @@ def test_intact_copy_loads_like_the_shipped_one(tmp_path):
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown pretrained model 'mnist-cll'; shipped: digits-2c2f-cll, fmnist-4c3f-cll, moons-mlp-cll"):
+    with pytest.raises(ValueError, match=r"unknown pretrained model 'mnist-cll'; shipped: digits-2c2f-cll, moons-mlp-cll"):
         load_pretrained("mnist-cll")
     with pytest.raises(ValueError, match="unknown pretrained model"):
         pretrained_eval_sample("nope")
