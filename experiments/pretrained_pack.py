@@ -102,7 +102,8 @@ def main() -> None:
         "weights": {"file": f"{args.name}.safetensors", "sha256": hashlib.sha256(weights).hexdigest(),
                     "dtype": "float32", "epoch": loaded.epoch,
                     "trained_precision": cfg.train.precision,
-                    # True: the run's own checkpoint was float32 already, so run_certify / audit are of these weights
+                    # True: these tensors equal the model open_run builds from the run's checkpoint (float32; a fp64
+                    # checkpoint is rounded on load), which `lipmargin certify/audit RUN` certify: run_certify / audit are of these weights
                     "same_as_run_checkpoint": same_as_run,
                     "run_checkpoint_sha256": loaded.checkpoint.sha256},
         "eval_sample": {"file": sample_file, "sha256": hashlib.sha256(sample).hexdigest(),
