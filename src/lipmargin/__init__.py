@@ -21,10 +21,12 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "BOUND_METHODS",
         "CertifyResult",
         "ModelBound",
+        "ModelEstimate",
         "certified_accuracy",
         "certified_radius",
         "certify",
         "model_bound",
+        "model_estimate",
     ),
     "checkpoint": (
         "CheckpointError",
@@ -40,7 +42,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "list_datasets",
         "load_dataset",
     ),
-    "nn.activations": (
+    "nn": (
         "GroupSort",
         "MaxMin",
         "Normalize",
@@ -73,6 +75,12 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "list_models",
         "register_model",
     ),
+    "pretrained": (
+        "PretrainedError",
+        "list_pretrained",
+        "load_pretrained",
+        "pretrained_eval_sample",
+    ),
     "train": (
         "TrainingError",
         "evaluate",
@@ -88,11 +96,12 @@ _NAME_TO_MODULE = {name: module for module, names in _EXPORTS.items() for name i
 _RENAMED = {"FeatureBound": "FeatureEstimate"}
 
 if TYPE_CHECKING:  # static type checkers see ordinary imports
-    from lipmargin.certify import BOUND_METHODS, CertifyResult, ModelBound, certified_accuracy, certified_radius, certify, model_bound  # noqa: F401
+    from lipmargin.certify import BOUND_METHODS, CertifyResult, ModelBound, ModelEstimate, certified_accuracy, certified_radius, certify, model_bound, model_estimate  # noqa: F401
+    from lipmargin.pretrained import PretrainedError, list_pretrained, load_pretrained, pretrained_eval_sample  # noqa: F401
     from lipmargin.checkpoint import CheckpointError, CheckpointRef  # noqa: F401
     from lipmargin.config import ConfigError, RunConfig, load_config  # noqa: F401
     from lipmargin.data import DatasetError, list_datasets, load_dataset  # noqa: F401
-    from lipmargin.nn.activations import GroupSort, MaxMin, Normalize  # noqa: F401
+    from lipmargin.nn import GroupSort, MaxMin, Normalize  # noqa: F401
     from lipmargin.lipschitz import FeatureEstimate, operator_norm_bound, pairwise_head_norms, register_layer_rule  # noqa: F401
     from lipmargin.losses import CertRegLoss, CLLoss, GloRoLoss, HKRLoss, LMTLoss, cert_reg_loss, hkr_loss, lmt_loss, cll_loss, cll_sigma, gloro_eps_schedule, gloro_loss, k_scale_schedule, lipschitz_penalty  # noqa: F401
     from lipmargin.models import LipschitzNet, create_model, list_models, register_model  # noqa: F401
@@ -147,7 +156,9 @@ __all__ = [
     "LipschitzNet",
     "MaxMin",
     "ModelBound",
+    "ModelEstimate",
     "Normalize",
+    "PretrainedError",
     "RunConfig",
     "TrainingError",
     "certified_accuracy",
@@ -169,6 +180,10 @@ __all__ = [
     "load_run",
     "open_run",
     "model_bound",
+    "model_estimate",
+    "list_pretrained",
+    "load_pretrained",
+    "pretrained_eval_sample",
     "operator_norm_bound",
     "pairwise_head_norms",
     "register_layer_rule",

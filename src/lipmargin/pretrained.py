@@ -134,7 +134,7 @@ def pretrained_eval_sample(name: str, root: str | Path | None = None) -> ArrayDa
     are float32 already in the model's range.
 
     >>> sample = pretrained_eval_sample("digits-2c2f-cll")
-    >>> len(sample), sample.in_shape, sample.num_classes
+    >>> len(sample), sample.input_shape, sample.num_classes
     (360, (1, 8, 8), 10)
     """
     folder = _folder(root)

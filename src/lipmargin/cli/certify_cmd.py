@@ -7,11 +7,20 @@ import json
 from pathlib import Path
 
 from lipmargin.cli.common import checkpoint_arg, checkpoint_text, command, make_progress
-from lipmargin.cli.targets import load_certifiable, load_user_target, require_target, user_model_args, weights_record
+from lipmargin.cli.targets import (
+    is_pretrained,
+    load_certifiable,
+    load_pretrained_target,
+    load_user_target,
+    require_target,
+    user_model_args,
+    weights_record,
+)
 
 
 def _certify_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", nargs="?", help="a training run folder (or use --model)")
+    p.add_argument("run_dir", nargs="?", help="a training run folder, or pretrained:NAME (a shipped model, on its own "
+                   "evaluation sample; with --data-root DIR on the full split), or use --model")
     checkpoint_arg(p)
     p.add_argument("--eps", help="comma-separated radii (default: the run's eval.eps); 36/255 works too")
     p.add_argument("--bound", default="sound", help="sound (default, provable) or power (converged power iteration)")
@@ -28,7 +37,11 @@ def _certify(args: argparse.Namespace) -> int:
     from lipmargin.cli.progress import certify_progress
     from lipmargin.train import eval_batches
 
-    if args.model:
+    pretrained_record = None
+    if is_pretrained(args):
+        model, shape, eps_items, ds, device, pretrained_record = load_pretrained_target(args, args.split)
+        epoch, batch_size, source, ref = pretrained_record["epoch"], args.batch_size, args.run_dir, None
+    elif args.model:
         model, shape, eps_items, ds, device = load_user_target(args, args.split)
         epoch, batch_size, source, ref = None, args.batch_size, args.model, None
     else:
@@ -53,8 +66,9 @@ def _certify(args: argparse.Namespace) -> int:
         "bound_method": result.bound_method,
         "sound": result.sound,
         "epoch": epoch,
-        "split": args.split,
-        "checkpoint": ref.to_dict(relative_to=Path(args.run_dir)) if ref is not None else weights_record(args.weights),
+        "split": "sample" if pretrained_record is not None and not args.data_root else args.split,
+        "checkpoint": (ref.to_dict(relative_to=Path(args.run_dir)) if ref is not None
+                       else pretrained_record if pretrained_record is not None else weights_record(args.weights)),
     }
     if args.model:
         payload["model"] = args.model
@@ -62,7 +76,8 @@ def _certify(args: argparse.Namespace) -> int:
         print(json.dumps(payload))
     else:
         what = f"run {source} (epoch {epoch})" if epoch is not None else f"model {source}"
-        print(f"{what}, {result.num_samples} {args.split} samples, bound: {result.bound_method}")
+        split = "sample" if pretrained_record is not None and not args.data_root else args.split
+        print(f"{what}, {result.num_samples} {split} samples, bound: {result.bound_method}")
         if ref is not None:
             print(checkpoint_text(ref))
         print(f"clean accuracy              {result.clean_accuracy:.4f}")

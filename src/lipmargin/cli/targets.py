@@ -9,7 +9,43 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["parse_eps_list", "user_model_args", "load_user_target", "weights_record", "require_target",
-           "cached_dataset", "load_certifiable"]
+           "cached_dataset", "load_certifiable", "PRETRAINED_PREFIX", "is_pretrained", "load_pretrained_target"]
+
+PRETRAINED_PREFIX = "pretrained:"
+
+
+def is_pretrained(args: argparse.Namespace) -> bool:
+    return str(getattr(args, "run_dir", None) or "").startswith(PRETRAINED_PREFIX)
+
+
+def load_pretrained_target(
+    args: argparse.Namespace, split: str = "test"
+) -> tuple[Any, tuple[int, ...], list[tuple[str, float]], Any, Any, dict[str, Any]]:
+    """``(model, input_shape, eps_items, dataset, device, weights_record)`` for ``pretrained:NAME``.
+
+    The dataset is the evaluation sample shipped with the model (seconds, no data files needed);
+    with ``--data-root DIR`` it is the dataset's whole ``split`` read from DIR instead.
+    """
+    from lipmargin.certify import BOUND_METHODS
+    from lipmargin.pretrained import list_pretrained, load_pretrained, pretrained_eval_sample
+    from lipmargin.train import eps_key, resolve_device
+
+    name = str(args.run_dir)[len(PRETRAINED_PREFIX):]
+    if name not in list_pretrained():
+        raise ValueError(f"unknown pretrained model {name!r}; shipped: {', '.join(list_pretrained())}")
+    if getattr(args, "checkpoint", None) or getattr(args, "weights", None) or getattr(args, "model", None):
+        raise ValueError("pretrained:NAME brings its own weights: drop --checkpoint / --model / --weights")
+    if args.bound not in BOUND_METHODS:
+        raise ValueError(f"--bound must be one of {', '.join(sorted(BOUND_METHODS))}; got {args.bound!r}")
+    device = resolve_device(args.device)
+    model, info = load_pretrained(name)
+    eps_items = parse_eps_list(args.eps) if args.eps else [(eps_key(e), float(e)) for e in info["eval_eps"]]
+    if getattr(args, "data_root", None):
+        ds = cached_dataset(info["dataset"], args.data_root, split)
+    else:
+        ds = pretrained_eval_sample(name)
+    record = {"pretrained": name, "sha256": info["weights"]["sha256"], "epoch": info["weights"].get("epoch")}
+    return model.to(device), tuple(model.in_shape), eps_items, ds, device, record
 
 
 def parse_eps_list(text: str) -> list[tuple[str, float]]:
@@ -89,7 +125,7 @@ def weights_record(weights: str | None) -> dict[str, Any] | None:
 
 def require_target(args: argparse.Namespace) -> None:
     if not args.model and not args.run_dir:
-        raise ValueError("give a run folder, or --model FILE.py:FACTORY --weights W --data NAME")
+        raise ValueError("give a run folder, pretrained:NAME, or --model FILE.py:FACTORY --weights W --data NAME")
 
 
 @functools.lru_cache(maxsize=4)
