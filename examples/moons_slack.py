@@ -6,7 +6,7 @@ of the plane (from lipmargin's sound bound) and the band where it is below eps. 
 tolerates many margin violations: a smooth boundary, a small Lipschitz constant; a small ``p``
 fits the data tightly with a larger constant (the paper's Figure 1).
 
-    python examples/moons_slack.py --epochs 400 --out moons-slack.png          # about a minute per p on a CPU
+    python examples/moons_slack.py --epochs 400 --out moons-slack.png          # a few minutes on a CPU
     python examples/moons_slack.py --epochs 3 --p 0.75,0.01 --out quick.png     # a smoke run
 
 The runs are ordinary run folders (``--runs DIR`` keeps them): ``lipmargin certify DIR/p0.01``
