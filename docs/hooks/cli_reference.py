@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 MARKER = "<!-- lipmargin-cli-reference -->"
 WIDTH = "100"  # argparse wraps help at $COLUMNS: fixed, so the page does not depend on the terminal
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Python >= 3.14 may colour help text on a terminal
 
 
 def _import_build_parser(config: Any) -> Any:
@@ -31,7 +33,7 @@ def _help(parser: argparse.ArgumentParser) -> str:
     previous = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = WIDTH
     try:
-        return parser.format_help().rstrip()
+        return _ANSI.sub("", parser.format_help()).rstrip()
     finally:
         if previous is None:
             os.environ.pop("COLUMNS", None)
