@@ -3,13 +3,12 @@
 Each example is imported from its file and its ``main(argv)`` called in this process (seconds
 each).  Their results are checked against independent truths: an attack inside each certified
 radius that never flips the label, the exported file against the float64 model's own argmax,
-the CLI's certificate of the example's saved weights.
+and the saved weights loaded into the factory that `lipmargin certify --model` calls.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -55,30 +54,32 @@ def attack_flips(model: nn.Module, x: torch.Tensor, radius: torch.Tensor, steps:
     return flipped
 
 
-def test_residual_cll_trains_a_plain_module_and_the_cli_certifies_its_weights(
+def test_residual_cll_trains_a_plain_module_whose_certificates_survive_an_attack(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # (tests/test_any_model.py runs the CLI's `certify --model examples/residual_cll.py:make_model`.)
     pytest.importorskip("sklearn")
-    from lipmargin.cli import main as cli
+    import lipmargin
+    from lipmargin.data import load_dataset, to_float
 
     example = load_example("residual_cll")
     weights = tmp_path / "residual.safetensors"
     with torch.random.fork_rng():  # the script seeds the global RNG, as scripts may
         example.main(["--data", "digits", "--steps", "3", "--out", str(weights)])
     assert "certified" in capsys.readouterr().out
-    # The weights load strictly into the CLI factory, and the CLI certifies them soundly.
+    # The saved weights load strictly into the factory the CLI uses (8x8 digits variant) ...
     monkeypatch.setenv("LIPMARGIN_EXAMPLE_SHAPE", "1,8,8")
     from safetensors.torch import load_file
 
     model = example.make_model()
     model.load_state_dict(load_file(str(weights)), strict=True)
-    code = cli(["--threads", "1", "certify", "--model", f"{EXAMPLES / 'residual_cll.py'}:make_model",
-                "--weights", str(weights), "--data", "digits", "--eps", "0.1,0.3", "--json", "--quiet"])
-    assert code == 0
-    payload = json.loads(capsys.readouterr().out)
-    assert payload["sound"] is True and payload["num_samples"] > 0
-    acc = list(payload["certified_accuracy"].values())
-    assert acc[0] >= acc[1] and acc[0] <= payload["clean_accuracy"]
+    model.eval()
+    # ... and no attack inside a certified radius of that plain PyTorch module changes its label.
+    x = to_float(load_dataset("digits", split="test").inputs[:64])
+    result = lipmargin.certify(model, [(x, torch.zeros(64, dtype=torch.long))], [], input_shape=(1, 8, 8))
+    positive = result.radius > 0
+    assert positive.any()
+    assert not attack_flips(model, x[positive], result.radius[positive]).any()
 
 
 def test_deel_torchlip_example_certificates_survive_an_attack(capsys: pytest.CaptureFixture) -> None:
