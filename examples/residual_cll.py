@@ -81,13 +81,13 @@ def train(model: nn.Module, data: str, steps: int, *, eps: float = 0.5, p: float
     return {"loss": loss.item(), "lipschitz_estimate": pairwise.max().item()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batchnorm", action="store_true")
     ap.add_argument("--out", default="residual.safetensors")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     test = load_dataset(args.data, None, "test")
     c, h, _ = test.input_shape
