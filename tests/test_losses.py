@@ -40,7 +40,7 @@ def _random_case(seed: int, batch: int, classes: int) -> tuple[torch.Tensor, tor
 
 
 # --------------------------------------------------------------------------------------------
-# The worked example of METHOD.md section 2
+# The worked example of docs/method.md#cll
 # --------------------------------------------------------------------------------------------
 
 W_EXAMPLE = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]], dtype=f64)
@@ -54,7 +54,7 @@ def test_worked_example_sigma() -> None:
     logit = lambda q: math.log(q / (1 - q))  # noqa: E731
     assert logit(1 - p / 2) - logit(p / 2) == pytest.approx(3.4692021, abs=1e-6)
     assert cll_sigma(EPS_EXAMPLE, P_EXAMPLE) == pytest.approx(0.08647522, abs=1e-6)
-    # The two forms of METHOD.md agree to rounding.
+    # The two forms of docs/method.md agree to rounding.
     assert cll_sigma(EPS_EXAMPLE, p) == pytest.approx(2 * EPS_EXAMPLE / (logit(1 - p / 2) - logit(p / 2)), rel=1e-14)
 
 

@@ -1,4 +1,4 @@
-"""Every registered model obeys its Lipschitz bounds; registry and architectures match METHOD.md."""
+"""Every registered model obeys its Lipschitz bounds; registry and architectures match docs/method.md."""
 
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ class DataConfig:
     name: str = "digits"
     root: str | None = None
     val_fraction: float = 0.0  # held out of the training set; evaluation then uses it, not the test set
-    augment: bool = True  # the dataset's default augmentation (METHOD.md section 6)
+    augment: bool = True  # the dataset's default augmentation (docs/method.md#d-layouts)
     # Class-stratified subsets drawn from train.seed (data.stratified_subset); None: every sample.
     train_size: int | None = None  # of the training set (after the validation split, if any)
     test_size: int | None = None  # of the evaluation set (the test set, or the validation part)

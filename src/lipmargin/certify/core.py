@@ -1,4 +1,4 @@
-"""Model bounds and certification of a model (METHOD.md section 1).
+"""Model bounds and certification of a model (docs/method.md#pairwise-certificate).
 
 Certificates are computed in float64: the model is traced (:mod:`lipmargin.lipschitz.graph`) and
 copied to float64 (the caller's model is not touched), the pairwise matrix composes per-leaf values

@@ -13,7 +13,7 @@ __all__ = ["lipschitz_penalty", "lmt_loss", "LMTLoss", "hkr_loss", "HKRLoss", "c
 
 
 def lipschitz_penalty(lipschitz: Tensor, weight: float, power: float = 2.0) -> Tensor:
-    """``weight * lipschitz ** power`` (METHOD.md section 4: lambda * K_tot^2)."""
+    """``weight * lipschitz ** power`` (docs/method.md#penalty: lambda * K_tot^2)."""
     if not weight >= 0:
         raise ValueError(f"penalty weight must be >= 0; got {weight!r}")
     if not power > 0:

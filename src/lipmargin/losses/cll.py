@@ -17,7 +17,7 @@ def cll_sigma(eps: float, p: float) -> float:
     """The calibration temperature ``sigma = 2 eps / (logit(1 - p/2) - logit(p/2))``.
 
     Equivalently ``1/sigma = ln((2 - p) / p) / eps``: a sample at pairwise radius ``eps`` gets
-    probability ``p/2`` for its true class (METHOD.md section 2; the ``p/2`` form of the authors).
+    probability ``p/2`` for its true class (docs/method.md#cll; the ``p/2`` form of the authors).
 
     >>> round(cll_sigma(0.5, 0.2), 6)  # 0.5 / ln(9)
     0.22756
@@ -115,7 +115,7 @@ def cll_loss(
     reduction: str = "mean",
     pairwise: bool = False,
 ) -> Tensor:
-    """Calibrated Lipschitz-Margin Loss (Losch et al., GCPR 2023), METHOD.md section 2.
+    """Calibrated Lipschitz-Margin Loss (Losch et al., GCPR 2023), docs/method.md#cll.
 
     Args:
         logits: ``(B, C)`` model outputs.

@@ -49,7 +49,7 @@ def gloro_loss(
 ) -> Tensor:
     """GloRo loss (Leino et al., ICML 2021): softmax CE over the logits plus a bottom logit.
 
-    With ``trades_lambda > 0``, the TRADES variant of METHOD.md section 5:
+    With ``trades_lambda > 0``, the TRADES variant of docs/method.md#gloro:
     ``CE(aug, y) + trades_lambda * sum_k -q_k log_softmax(aug)_k`` with ``q = [softmax(f), 0]``
     detached.
 

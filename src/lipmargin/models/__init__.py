@@ -1,4 +1,4 @@
-"""Model registry and the paper's architectures (METHOD.md section 6).
+"""Model registry and the paper's architectures (docs/method.md#d-layouts).
 
 Every registered model is a :class:`LipschitzNet`: a feature extractor ``phi`` made of layers with
 Lipschitz rules, and a plain linear head ``W``.  Inputs are in [0, 1] without normalisation.

@@ -1,7 +1,7 @@
 """The paper's plain conv nets (2C2F, 4C3F, 6C2F, 8C2F): convolutions and dense layers with MaxMin.
 
 Every layer is an ordinary ``nn.Conv2d`` / ``nn.Linear`` (kaiming-normal weights, zero biases)
-followed by MaxMin; the feature bound is the product of the layers' bounds (METHOD.md section 6).
+followed by MaxMin; the feature bound is the product of the layers' bounds (docs/method.md#d-layouts).
 One size table, :data:`CONVNETS`, registers all four.
 """
 

@@ -2,7 +2,7 @@
 
 The feature bound ``K`` of these nets is 1 by construction (up to the computed, sound per-layer
 bounds of the SOC series), and they end in a plain ``nn.Linear`` head, as in the CLL paper's
-integrations (METHOD.md section 6: "each with an unconstrained last linear layer").
+integrations (docs/method.md#d-layouts: "each with an unconstrained last linear layer").
 """
 
 from __future__ import annotations

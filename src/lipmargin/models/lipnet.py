@@ -68,7 +68,7 @@ class LipschitzNet(nn.Module):
 
 
 def _init(module: nn.Module) -> None:
-    """Kaiming-normal weights and zero biases (METHOD.md section 6)."""
+    """Kaiming-normal weights and zero biases (docs/method.md#d-layouts)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight)

@@ -316,7 +316,7 @@ def _train_group(
                 m.error = (f"{m.out}: non-finite training loss at epoch {epoch}, step {bad[j] + 1}; the last good "
                            f"checkpoint is kept (try a smaller optim.lr or loss.lipschitz_penalty)")
         live = [j for j, m in enumerate(members) if m.error is None]
-        per_layer = converge_members([members[j].model for j in live])  # METHOD.md section 3
+        per_layer = converge_members([members[j].model for j in live])  # docs/method.md#power-iteration
         optimizer_state = optimizer.state_dict()
         pending: list[PendingCheckpoint] = []
         owners: list[_Member] = []

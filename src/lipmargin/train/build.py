@@ -96,7 +96,7 @@ def build_model(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) 
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with ``optim.lr`` / ``optim.weight_decay`` (METHOD.md); the fused CUDA kernel on GPUs,
+    """AdamW with ``optim.lr`` / ``optim.weight_decay`` (docs/method.md); the fused CUDA kernel on GPUs,
     where the step is launch-bound.
 
     >>> from lipmargin.config import OptimConfig

@@ -222,7 +222,7 @@ def _fit(
         )
         scheduler.step()
         train_seconds += stats.seconds
-        per_layer = model.bound.converge()  # end-of-epoch convergence (METHOD.md section 3)
+        per_layer = model.bound.converge()  # end-of-epoch convergence (docs/method.md#power-iteration)
         record: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": stats.loss,
