@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all docs clean
 
 $(BIN)/python:
 	# --system-site-packages: a torch the user already has (CUDA or not) stays visible and is reused.
@@ -43,5 +43,8 @@ test: setup
 test-all: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -rs $(PYTEST_ARGS)
 
+docs: setup
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+	rm -rf $(VENV) runs build site *.egg-info src/*.egg-info

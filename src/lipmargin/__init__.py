@@ -13,7 +13,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from lipmargin._version import __version__
 
 # submodule -> the public names it defines
 _EXPORTS: dict[str, tuple[str, ...]] = {

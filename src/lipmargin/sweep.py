@@ -356,10 +356,12 @@ def _pm(stat: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
 
 
 def results_markdown(results: dict[str, Any]) -> str:
+    from lipmargin.certify import radius_text
+
     keys = list(results["grid"])
     eps = results["eval_eps"]
     audited = any("audit" in c for c in results["cells"])
-    head = keys + ["seeds", "clean %"] + [f"CRA@{e} %" for e in eps] + ["Lipschitz"] + (["audit violations"] if audited else [])
+    head = keys + ["seeds", "clean %"] + [f"CRA@{radius_text(float(e))} %" for e in eps] + ["Lipschitz"] + (["audit violations"] if audited else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in results["cells"]:
         cols = [str(c["params"][k]) for k in keys] + [str(c["n"]), _pm(c["clean_accuracy"])]

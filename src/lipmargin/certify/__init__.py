@@ -27,7 +27,7 @@ from lipmargin.certify.core import (
     model_estimate,
     register_bound_method,
 )
-from lipmargin.certify.radius import certified_accuracy, certified_fraction, certified_mask, certified_radius
+from lipmargin.certify.radius import certified_accuracy, certified_fraction, certified_mask, certified_radius, radius_text
 
 __all__ = [
     "AuditResult",
@@ -39,6 +39,7 @@ __all__ = [
     "certified_fraction",
     "certified_mask",
     "certified_radius",
+    "radius_text",
     "audit_model",
     "certify",
     "model_bound",

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lipmargin.lipschitz.rounding import radius_lower
 
-__all__ = ["certified_accuracy", "certified_fraction", "certified_mask", "certified_radius"]
+__all__ = ["certified_accuracy", "certified_fraction", "certified_mask", "certified_radius", "radius_text"]
 
 
 def certified_radius(logits: Tensor, pairwise: Tensor, logit_error: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -96,3 +96,19 @@ def certified_accuracy(radius: Tensor, prediction: Tensor, target: Tensor, eps: 
     keys = [float(e) for e in eps]
     values = certified_fraction(radius, prediction.reshape(-1) == target.reshape(-1), keys).tolist()
     return dict(zip(keys, values))
+
+
+def radius_text(eps: float) -> str:
+    """A radius as the field writes it: ``36/255 (0.1412)`` for multiples of 1/255 (also when read
+    back from a 6-digit JSON key), else the plain number (``0.5``, ``0.15``).
+
+    >>> radius_text(36 / 255), radius_text(0.141176), radius_text(0.5), radius_text(1.0)
+    ('36/255 (0.1412)', '36/255 (0.1412)', '0.5', '1')
+    """
+    eps = float(eps)
+    if abs(eps * 1000 - round(eps * 1000)) < 1e-9:  # a short decimal is written as such
+        return f"{eps:g}"
+    steps = round(eps * 255)
+    if steps >= 1 and abs(eps - steps / 255) <= 5e-6 * eps:
+        return f"{steps}/255 ({eps:.4g})"
+    return f"{eps:g}"

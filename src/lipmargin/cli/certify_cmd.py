@@ -81,8 +81,10 @@ def _certify(args: argparse.Namespace) -> int:
         if ref is not None:
             print(checkpoint_text(ref))
         print(f"clean accuracy              {result.clean_accuracy:.4f}")
-        for label, acc in cert.items():
-            print(f"certified accuracy @ {label:<7} {acc:.4f}")
+        from lipmargin.certify import radius_text
+
+        for label, v in eps_items:
+            print(f"certified accuracy @ {radius_text(v):<15} {cert[label]:.4f}")
         print(f"Lipschitz (sound)           {by_method['sound'].lipschitz:.6g}")
         print(f"Lipschitz (power estimate)  {by_method['power'].lipschitz:.6g}")
     return 0

@@ -37,8 +37,8 @@ def _export(args: argparse.Namespace) -> int:
     test_inputs = None
     if not args.no_check:
         test = load_dataset(cfg.data.name, cfg.data.root, "test")
-        if tuple(test.in_shape) != tuple(model.in_shape):
-            raise ValueError(f"dataset {cfg.data.name} has inputs of shape {test.in_shape} but the model expects {model.in_shape}")
+        if tuple(test.input_shape) != tuple(model.in_shape):
+            raise ValueError(f"dataset {cfg.data.name} has inputs of shape {test.input_shape} but the model expects {model.in_shape}")
         test_inputs = test.inputs
     r = export_certified(model, args.format, args.out, test_inputs=test_inputs, check=not args.no_check,
                          batch_size=args.batch_size, checkpoint=run.checkpoint,

@@ -24,7 +24,7 @@ __all__ = ["build_parser", "main", "entry"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lipmargin import __version__
+    from lipmargin._version import __version__
 
     parser = argparse.ArgumentParser(prog="lipmargin", description="Certified L2-robust classifiers with CLL.")
     parser.add_argument("--version", action="version", version=f"lipmargin {__version__}")

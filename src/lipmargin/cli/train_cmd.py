@@ -21,8 +21,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _format_table(summary: dict[str, Any], run_dir: Path) -> str:
     rows = [("clean accuracy", f"{summary['clean_accuracy']:.4f}")]
+    from lipmargin.certify import radius_text
+
     for eps, acc in summary["certified_accuracy"].items():
-        rows.append((f"certified accuracy @ {eps}", f"{acc:.4f}"))
+        rows.append((f"certified accuracy @ {radius_text(float(eps))}", f"{acc:.4f}"))
     rows.append((f"Lipschitz bound ({summary['bound_method']})", f"{summary['lipschitz']:.4g}"))
     rows.append(("evaluated on", f"{summary['num_samples']} {summary.get('eval_split', 'test')} samples"))
     rows.append(("run folder", str(run_dir)))

@@ -49,7 +49,7 @@ def export_metadata(checkpoint: CheckpointRef | None, fmt: str) -> dict[str, str
     >>> sorted(export_metadata(None, "torchscript"))
     ['format', 'lipmargin_version']
     """
-    from lipmargin import __version__
+    from lipmargin._version import __version__
 
     named = {} if checkpoint is None else {
         "checkpoint_file": checkpoint.path.name,

@@ -66,12 +66,14 @@ def _config_table(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def _metrics_table(summary: Mapping[str, Any], certs: Certificates | None) -> list[str]:
+    from lipmargin.certify import radius_text
+
     method = summary.get("bound_method", "?")
     # Principle 2: say whether the Lipschitz numbers (hence the certificates) are guaranteed.
     kind = "guaranteed upper bound" if method == "sound" else "estimate, not a guaranteed bound"
     rows = [("clean accuracy", f"{summary['clean_accuracy']:.4f}")]
     for key in sorted(summary.get("certified_accuracy", {}), key=float):
-        rows.append((f"certified accuracy @ ε={key}", f"{summary['certified_accuracy'][key]:.4f}"))
+        rows.append((f"certified accuracy @ ε={radius_text(float(key))}", f"{summary['certified_accuracy'][key]:.4f}"))
     if "lipschitz" in summary:
         rows.append((f"Lipschitz K·max‖Wᵢ−Wⱼ‖ ({method}: {kind})", f"{summary['lipschitz']:.6g}"))
     if "lipschitz_features" in summary:

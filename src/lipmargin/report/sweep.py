@@ -53,6 +53,8 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     Each run gets its own run report (:func:`write_run_report`), in the run folder or, with
     ``out_dir``, under ``out_dir`` at the run's relative path.  Returns the path of ``report.md``.
     """
+    from lipmargin.certify import radius_text
+
     sweep = Path(sweep_dir)
     results_path = sweep / "results.json"
     if not results_path.is_file():
@@ -73,7 +75,7 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     grid_text = "; ".join(f"`{k}` ∈ {{{', '.join(_fmt(v) for v in vals)}}}" for k, vals in grid.items())
     lines += [f"Grid: {grid_text or '(none)'}. Seeds: {', '.join(map(str, results.get('seeds', []))) or '?'}.", ""]
     lines += ["## Results (mean ± std over seeds)", ""]
-    header = [*params, "n", "clean accuracy", *(f"certified @ ε={e}" for e in eps_keys), "Lipschitz"]
+    header = [*params, "n", "clean accuracy", *(f"certified @ ε={radius_text(float(e))}" for e in eps_keys), "Lipschitz"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for cell in cells:
         row = [_fmt(cell["params"].get(p, "")) for p in params]
