@@ -62,13 +62,17 @@ def main() -> None:
     p.add_argument("--sample-size", type=int, default=1000)
     p.add_argument("--commit", default="")
     p.add_argument("--note", default="", help="recorded as info['note'] (e.g. a run stopped early)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="storage of the shipped weights; float16 halves the file, and the record certifies the "
+                        "float16-rounded weights as loaded (same_as_run_checkpoint is then false)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/lipmargin/pretrained")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     loaded = open_run(args.run_dir)
     cfg, model = loaded.config, loaded.model
-    state = {k: (v.detach().to(torch.float32) if v.is_floating_point() else v.detach()).contiguous().cpu()
+    dtype = getattr(torch, args.dtype)
+    state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
              for k, v in model.state_dict().items()}
     same_as_run = all(torch.equal(state[k], v.cpu()) and state[k].dtype == v.dtype for k, v in model.state_dict().items())
     weights = st_save(state, metadata={"format": "pt"})
@@ -100,7 +104,7 @@ def main() -> None:
         "num_classes": int(model.num_classes),
         "eval_eps": eps,
         "weights": {"file": f"{args.name}.safetensors", "sha256": hashlib.sha256(weights).hexdigest(),
-                    "dtype": "float32", "epoch": loaded.epoch,
+                    "dtype": args.dtype, "epoch": loaded.epoch,
                     "trained_precision": cfg.train.precision,
                     # True: these tensors equal the model open_run builds from the run's checkpoint (float32; a fp64
                     # checkpoint is rounded on load), which `lipmargin certify/audit RUN` certify: run_certify / audit are of these weights

@@ -17,7 +17,7 @@ from lipmargin.config import config_from_dict
 from lipmargin.data import DatasetError, load_dataset, to_float
 from lipmargin.pretrained import PretrainedError, list_pretrained, load_pretrained, pretrained_eval_sample
 
-NAMES = ["digits-2c2f-cll", "moons-mlp-cll"]
+NAMES = ["digits-2c2f-cll", "fmnist-4c3f-cll", "moons-mlp-cll"]
 FOLDER = resources.files("lipmargin").joinpath("pretrained")
 
 
@@ -135,7 +135,7 @@ def test_intact_copy_loads_like_the_shipped_one(tmp_path):
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown pretrained model 'mnist-cll'; shipped: digits-2c2f-cll, moons-mlp-cll"):
+    with pytest.raises(ValueError, match=r"unknown pretrained model 'mnist-cll'; shipped: digits-2c2f-cll, fmnist-4c3f-cll, moons-mlp-cll"):
         load_pretrained("mnist-cll")
     with pytest.raises(ValueError, match="unknown pretrained model"):
         pretrained_eval_sample("nope")

@@ -2,7 +2,8 @@
 
 Each model is three files in the data folder ``lipmargin/pretrained/``:
 
-* ``<name>.safetensors``: the model's ``state_dict`` in float32 (safetensors: no pickle);
+* ``<name>.safetensors``: the model's ``state_dict`` in float32, or float16 where its JSON says so (loaded
+  into the float32 model; the record certifies the weights as loaded) (safetensors: no pickle);
 * ``<name>.json``: how to build it (registered model name and options, dataset, input shape,
   number of classes), how it was trained (the exact command, lipmargin version, git commit), the
   SHA-256 of both binary files, and what a sound certificate gives on the shipped sample and on the
