@@ -77,14 +77,17 @@ def _certify(args: argparse.Namespace) -> int:
     else:
         what = f"run {source} (epoch {epoch})" if epoch is not None else f"model {source}"
         split = "sample" if pretrained_record is not None and not args.data_root else args.split
-        print(f"{what}, {result.num_samples} {split} samples, bound: {result.bound_method}")
+        samples = "samples of its shipped evaluation sample" if split == "sample" else f"{split} samples"
+        print(f"{what}, {result.num_samples} {samples}, bound: {result.bound_method}")
         if ref is not None:
             print(checkpoint_text(ref))
-        print(f"clean accuracy              {result.clean_accuracy:.4f}")
         from lipmargin.certify import radius_text
 
-        for label, v in eps_items:
-            print(f"certified accuracy @ {radius_text(v):<15} {cert[label]:.4f}")
-        print(f"Lipschitz (sound)           {by_method['sound'].lipschitz:.6g}")
-        print(f"Lipschitz (power estimate)  {by_method['power'].lipschitz:.6g}")
+        rows = [("clean accuracy", f"{result.clean_accuracy:.4f}")]
+        rows += [(f"certified accuracy @ {radius_text(v)}", f"{cert[label]:.4f}") for label, v in eps_items]
+        rows += [("Lipschitz (sound)", f"{by_method['sound'].lipschitz:.6g}"),
+                 ("Lipschitz (power estimate)", f"{by_method['power'].lipschitz:.6g}")]
+        width = max(len(name) for name, _ in rows)
+        for name, value in rows:
+            print(f"{name:<{width}}  {value}")
     return 0
