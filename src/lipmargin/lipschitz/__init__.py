@@ -52,10 +52,6 @@ from lipmargin.lipschitz.rules import (
     supported_layers,
 )
 
-# Old private spellings that other packages import today (lipmargin.certify, lipmargin.train.stacked).
-_float64_operator = float64_operator
-_normalize = normalize
-
 __all__ = [
     "LAYER_RULES",
     "LayerRule",

@@ -25,9 +25,9 @@ from torch.func import functional_call, vmap
 from lipmargin.config import LossConfig
 from lipmargin.nn.activations import GroupSort, MaxMin
 from lipmargin.lipschitz import (
-    _normalize,
     conv2d_operator,
     layer_rule,
+    normalize,
     operator_norm_estimate,
     pairwise_head_norms,
     power_iteration,
@@ -291,7 +291,7 @@ def converge_members(models: Sequence[LipschitzNet], *, tol: float = 1e-9, max_i
 
 def _converge_stacked(layer: nn.Module, weights: Tensor, shape: tuple[int, ...], v: Tensor, tol: float, max_iter: int, check_every: int) -> Tensor:
     """``converge_operator_norm`` for stacked members; ``v`` is updated in place; returns sigmas."""
-    v.copy_(_normalize(v, batched=True))
+    v.copy_(normalize(v, batched=True))
     fwd, _ = _stacked_operator(layer, weights, shape)
     sigma = operator_norm_estimate(fwd, v, batched=True)
     active = torch.arange(v.shape[0])
