@@ -93,11 +93,50 @@ def _stackable(layer: nn.Module) -> bool:
     return type(layer) is nn.Linear
 
 
+#: ATen's CPU ``bmm`` multiplies slices of fewer than this many multiply-adds with a plain loop of
+#: its own (``bmm_out_or_baddbmm_``), which rounds differently from ``mm``; larger slices go through
+#: ``mm`` one by one.  A power-iteration vector times a small layer is such a slice.
+_CPU_BMM_OWN_KERNEL_BELOW = 400
+
+
+def member_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for stacks ``(M, n, k) @ (M, k, p)``, each member's product rounded as its separate
+    run's ``mm`` rounds it (so a batched member keeps its separate run's bits on the CPU)."""
+    n, k, p = a.shape[-2], a.shape[-1], b.shape[-1]
+    if a.device.type == "cpu" and n * k * p < _CPU_BMM_OWN_KERNEL_BELOW:
+        return torch.stack([x @ y for x, y in zip(a, b)])
+    return a @ b
+
+
+class _MemberLinear(torch.autograd.Function):
+    """``F.linear`` of every member at once, ``(M, B, in) -> (M, B, out)``, whose forward and backward
+    round each member's numbers as ``F.linear`` rounds its separate run's: the weight gradient is
+    formed as ``g^T x`` (``addmm``'s backward), not as ``(x^T g)^T`` (``bmm``'s), which sums in
+    another order."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(h, w)
+        ctx.has_bias = bias is not None
+        b, (n_in, n_out) = h.shape[-2], w.shape[-1:-3:-1]
+        if h.device.type == "cpu" and b * n_in * n_out < _CPU_BMM_OWN_KERNEL_BELOW:
+            return torch.stack([F.linear(x, wi, None if bias is None else bias[i]) for i, (x, wi) in enumerate(zip(h, w))])
+        return torch.baddbmm(bias.unsqueeze(1), h, w.mT) if bias is not None else torch.bmm(h, w.mT)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
+        h, w = ctx.saved_tensors
+        grad_h = member_matmul(g, w) if ctx.needs_input_grad[0] else None
+        grad_w = member_matmul(g.mT, h) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_b
+
+
 def _stacked_operator(layer: nn.Module, weight: Tensor, shape: tuple[int, ...]) -> tuple[Operator, Operator]:
     """``(A, A_T)`` of every member's layer at once on vectors ``(M, 1, *shape)`` (a stackable layer)."""
     m = weight.shape[0]
     if type(layer) is nn.Linear:
-        return (lambda v: v @ weight.mT), (lambda y: y @ weight)
+        return (lambda v: member_matmul(v, weight.mT)), (lambda y: member_matmul(y, weight))
     if _stackable(layer):
         c, h, w = shape
         grouped = weight.reshape(-1, *weight.shape[2:])  # (M * O, C / g, kh, kw): member i is group block i
@@ -133,8 +172,7 @@ class StackedForward:
     def _layer(self, name: str, m: nn.Module, h: Tensor) -> Tensor:
         mm, b = h.shape[:2]
         if type(m) is nn.Linear:
-            w, bias = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
-            return torch.baddbmm(bias.unsqueeze(1), h, w.mT) if bias is not None else torch.bmm(h, w.mT)
+            return _MemberLinear.apply(h, self.params[f"{name}.weight"], self.params.get(f"{name}.bias"))
         if type(m) is nn.Conv2d:
             w, bias = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
             z = h.transpose(0, 1).reshape(b, -1, *h.shape[-2:])  # (B, M * C, H, W)
@@ -162,7 +200,12 @@ class StackedForward:
                     v = power_iteration(fwd, adj, v, self.n_iter, batched=True)
                 vectors[vec] = v
             sigmas.append(operator_norm_estimate(fwd, v.detach(), batched=True))
-        return logits, torch.stack(sigmas).prod(0), vectors
+        # K as the separate run's compose_estimate forms it, factor by factor from the input
+        # (torch.prod's backward would round the gradients differently).
+        k = torch.ones_like(sigmas[0])
+        for sigma in sigmas:
+            k = sigma * k
+        return logits, k, vectors
 
 
 class _MemberForward(nn.Module):
