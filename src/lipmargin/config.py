@@ -75,6 +75,9 @@ class LossConfig:
     k_scale_schedule: bool = False  # CLL: scheduled inverse temperature (Tiny-ImageNet configs)
     detach_lipschitz: bool = True  # CLL: K is a constant inside the loss (the authors' default)
     eps_anneal: bool = True  # GloRo: eps_end * (1 - (1 - t/T)^5)
+    # GloRo: K times d / detach(d), d = max_ij ||W_i - W_j|| of the head (the authors' GloroLoss):
+    # the same value, plus a gradient that pulls the head's largest row distance down
+    gloro_head_gradient: bool = False
     trades_lambda: float = 0.0  # GloRo: > 0 selects the TRADES variant
     hkr_alpha: float = 10.0  # HKR: weight of the hinge term
     hkr_margin: float = 1.0  # HKR: hinge margin
@@ -89,12 +92,19 @@ class OptimConfig:
     gamma: float = 0.1
 
 
+#: How K's gradient treats the power iterations of a training step (``train.power_grad``).
+POWER_GRAD_MODES = ("detached", "unrolled")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 60
     batch_size: int = 128
     seed: int = 0
     power_iters: int = 5  # power-iteration steps per training step
+    # detached: K's gradient is that of ||A v|| / ||v|| with the advanced v a constant;
+    # unrolled: through all power_iters steps as well (the authors' GloRo and penalty)
+    power_grad: str = "detached"
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
     # fp32 | bf16 (autocast forward/backward, CPU or CUDA; power iterations and bounds stay fp32)
     # | fp64 (all float64) | auto (bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32)
@@ -302,6 +312,7 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.train.epochs >= 1, f"train.epochs must be >= 1; got {cfg.train.epochs}")
     _require(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1; got {cfg.train.batch_size}")
     _require(cfg.train.power_iters >= 0, f"train.power_iters must be >= 0; got {cfg.train.power_iters}")
+    _require(cfg.train.power_grad in POWER_GRAD_MODES, f"train.power_grad must be {' or '.join(POWER_GRAD_MODES)}; got {cfg.train.power_grad!r}")
     _require(cfg.train.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1; got {cfg.train.checkpoint_every}")
     _require(cfg.train.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1; got {cfg.train.keep_checkpoints}")
     dev = cfg.train.device

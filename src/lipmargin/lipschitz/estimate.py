@@ -124,21 +124,26 @@ class FeatureEstimate(nn.Module):
         (no sums, branches, scalings, slices), so running the leaves in order is the module."""
         return all(s.kind in ("input", "leaf", "const") for s in self._plan.steps)
 
-    def forward(self, n_iter: int = 0) -> tuple[Tensor, Tensor]:
-        k, sigmas, vectors = self.advance(n_iter)
+    def forward(self, n_iter: int = 0, unrolled: bool = False) -> tuple[Tensor, Tensor]:
+        k, sigmas, vectors = self.advance(n_iter, unrolled)
         with torch.no_grad():
             for name, v in vectors.items():
                 getattr(self, name).copy_(v)
         return k, sigmas
 
-    def advance(self, n_iter: int = 0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def advance(self, n_iter: int = 0, unrolled: bool = False) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """``(K, sigmas, vectors)`` like :meth:`forward`, without writing the buffers.
+
+        ``unrolled``: the ``n_iter`` power-iteration steps run with gradients, so that ``K``'s
+        gradient flows through every step (the authors' code does this for GloRo and the Lipschitz
+        penalty); by default the advanced vector is a constant and only ``||A v|| / ||v||`` is
+        differentiated (equal at convergence).  docs/method.md#power-iteration.
 
         ``vectors`` maps buffer names to the advanced vectors (empty unless ``n_iter > 0`` in
         training mode).  Free of in-place buffer writes, it runs under ``torch.func.vmap`` /
         ``functional_call`` over stacked members (see :mod:`lipmargin.train.batched`).
         """
-        lip, sigmas, vectors = self._estimate(n_iter)
+        lip, sigmas, vectors = self._estimate(n_iter, unrolled)
         return lip[self._plan.output], sigmas, vectors
 
     def pairwise(self, n_iter: int = 0) -> tuple[Tensor, Tensor]:
@@ -155,12 +160,12 @@ class FeatureEstimate(nn.Module):
                 getattr(self, name).copy_(v)
         return pairwise_estimate(self._plan, lip)
 
-    def _estimate(self, n_iter: int) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+    def _estimate(self, n_iter: int, unrolled: bool = False) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
         # Never under autocast: with train.precision=bf16 only the model's forward is bfloat16.
         with no_autocast(self._reference_tensor()):
-            return self._estimate_fp(n_iter)
+            return self._estimate_fp(n_iter, unrolled)
 
-    def _estimate_fp(self, n_iter: int) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+    def _estimate_fp(self, n_iter: int, unrolled: bool) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
         self._check_structure()
         ref = self._reference_tensor()
         values: dict[str, Tensor] = {}
@@ -172,11 +177,17 @@ class FeatureEstimate(nn.Module):
                 assert rule.operator is not None
                 fwd, adj = rule.operator(m, step.in_shape or ())
                 v = getattr(self, name)
-                if n_iter > 0 and self.training:
-                    with torch.no_grad():
-                        v = power_iteration(fwd, adj, v, n_iter)
-                    vectors[name] = v
-                sigma = operator_norm_estimate(fwd, v.detach())
+                if n_iter > 0 and self.training and unrolled:
+                    # from a copy: the buffer is overwritten with the new vector before the backward
+                    v = power_iteration(fwd, adj, v.detach().clone(), n_iter)  # differentiable in the weights
+                    vectors[name] = v.detach()
+                    sigma = operator_norm_estimate(fwd, v)
+                else:
+                    if n_iter > 0 and self.training:
+                        with torch.no_grad():
+                            v = power_iteration(fwd, adj, v, n_iter)
+                        vectors[name] = v
+                    sigma = operator_norm_estimate(fwd, v.detach())
             elif rule.estimate is not None:
                 sigma = rule.estimate(m).reshape(()).to(ref)
             elif rule.constant is not None:

@@ -74,10 +74,20 @@ def _cll(cfg: LossConfig) -> TrainLoss:
     return loss
 
 
+def head_gradient_factor(head_weight: Tensor) -> Tensor:
+    """``d / detach(d)`` with ``d = max_ij ||W_i - W_j||``: the value 1, and the gradient of
+    ``log d`` (``loss.gloro_head_gradient``, after the authors' ``GloroLoss``, which divides the
+    classifier's differentiable factor by its detached copy)."""
+    d = pairwise_head_norms(head_weight).max()
+    return d / d.detach()
+
+
 @register_train_loss("gloro")
 def _gloro(cfg: LossConfig) -> TrainLoss:
     def loss(logits: Tensor, target: Tensor, model: Any, k: Tensor, progress: float) -> Tensor:
         eps = gloro_eps_schedule(progress, cfg.eps) if cfg.eps_anneal else cfg.eps
+        if cfg.gloro_head_gradient:
+            k = k * head_gradient_factor(model.head.weight)
         return gloro_loss(logits, target, model.pairwise_lipschitz(k), eps, trades_lambda=cfg.trades_lambda)
 
     return loss

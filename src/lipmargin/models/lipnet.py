@@ -54,13 +54,14 @@ class LipschitzNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
 
-    def feature_lipschitz(self, n_iter: int = 0) -> tuple[Tensor, Tensor]:
+    def feature_lipschitz(self, n_iter: int = 0, unrolled: bool = False) -> tuple[Tensor, Tensor]:
         """``(K, per-layer sigmas)``: the power-iteration estimate of the feature bound.
 
         Advances the persistent vectors by ``n_iter`` steps when in training mode; ``K`` carries
-        gradients to the weights.
+        gradients to the weights (``unrolled``: through the ``n_iter`` steps too, see
+        :meth:`~lipmargin.lipschitz.FeatureEstimate.advance`).
         """
-        return self.bound(n_iter)
+        return self.bound(n_iter, unrolled)
 
     def pairwise_lipschitz(self, feature_lipschitz: Tensor) -> Tensor:
         """``(C, C)`` matrix ``K * ||W_i - W_j||`` (differentiable in both factors)."""

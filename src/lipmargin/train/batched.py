@@ -268,7 +268,7 @@ def _train_group(
 
     template = copy.deepcopy(members[0].model).train()
     engine = StackedForward if StackedForward.supports(template) and not vmap_only else VmapForward
-    forward = engine(template, params, buffers, base.train.power_iters, fp64)
+    forward = engine(template, params, buffers, base.train.power_iters, fp64, base.train.power_grad == "unrolled")
     losses = loss_partitions([m.cfg.loss for m in members])
     aug = DATASETS[base.data.name].augment if base.data.augment else None
     loaders: list[DeviceLoader] = []

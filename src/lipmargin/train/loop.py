@@ -190,7 +190,7 @@ def _fit(
     elif main and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     compile_mode = None if cfg.train.compile == "none" else cfg.train.compile
-    step_module: nn.Module = TrainStep(model, cfg.train.power_iters, cfg.train.precision, compile_mode)
+    step_module: nn.Module = TrainStep(model, cfg.train.power_iters, cfg.train.precision, compile_mode, cfg.train.power_grad)
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 

@@ -155,9 +155,12 @@ def _module_names(model: nn.Module) -> dict[int, str]:
 class StackedForward:
     """``x (M, B, ...) -> (logits (M, B, C), K (M,), advanced vectors)`` with bmm / grouped convs."""
 
-    def __init__(self, template: LipschitzNet, params: dict[str, Tensor], buffers: dict[str, Tensor], n_iter: int, fp64: bool) -> None:
+    def __init__(
+        self, template: LipschitzNet, params: dict[str, Tensor], buffers: dict[str, Tensor], n_iter: int, fp64: bool,
+        unrolled: bool = False,
+    ) -> None:
         self.template, self.params, self.buffers = template, params, buffers
-        self.n_iter, self.fp64 = n_iter, fp64
+        self.n_iter, self.fp64, self.unrolled = n_iter, fp64, unrolled
         names = _module_names(template)
         bound = template.bound
         self.layers = [(names[id(m)], m) for m in bound.layers]
@@ -195,6 +198,11 @@ class StackedForward:
                 continue
             fwd, adj = _stacked_operator(m, self.params[f"{name}.weight"], shape)
             v = self.buffers[f"bound.{vec}"]
+            if self.n_iter > 0 and self.unrolled:  # train.power_grad=unrolled, as FeatureEstimate.advance
+                v = power_iteration(fwd, adj, v.detach().clone(), self.n_iter, batched=True)
+                vectors[vec] = v.detach()
+                sigmas.append(operator_norm_estimate(fwd, v, batched=True))
+                continue
             if self.n_iter > 0:
                 with torch.no_grad():
                     v = power_iteration(fwd, adj, v, self.n_iter, batched=True)
@@ -211,25 +219,29 @@ class StackedForward:
 class _MemberForward(nn.Module):
     """``x -> (logits, K, advanced vectors)`` of one member (what :class:`TrainStep` computes)."""
 
-    def __init__(self, model: LipschitzNet, n_iter: int, fp64: bool) -> None:
+    def __init__(self, model: LipschitzNet, n_iter: int, fp64: bool, unrolled: bool = False) -> None:
         super().__init__()
         self.model = model
         self.n_iter = n_iter
         self.fp64 = fp64
+        self.unrolled = unrolled
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         if self.fp64:
             x = x.double()
         logits = self.model(x)
-        k, _, vectors = self.model.bound.advance(self.n_iter)
+        k, _, vectors = self.model.bound.advance(self.n_iter, self.unrolled)
         return logits, k, vectors
 
 
 class VmapForward:
     """Same contract as :class:`StackedForward`, for any LipschitzNet (vmap over ``functional_call``)."""
 
-    def __init__(self, template: LipschitzNet, params: dict[str, Tensor], buffers: dict[str, Tensor], n_iter: int, fp64: bool) -> None:
-        step = _MemberForward(template, n_iter, fp64)
+    def __init__(
+        self, template: LipschitzNet, params: dict[str, Tensor], buffers: dict[str, Tensor], n_iter: int, fp64: bool,
+        unrolled: bool = False,
+    ) -> None:
+        step = _MemberForward(template, n_iter, fp64, unrolled)
         self.params = {f"model.{n}": t for n, t in params.items()}
         self.buffers = {f"model.{n}": t for n, t in buffers.items()}
         self._forward = vmap(lambda p, b, x: functional_call(step, (p, b), (x,)))

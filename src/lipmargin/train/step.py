@@ -28,13 +28,18 @@ class TrainStep(nn.Module):
     Both run inside one ``forward`` so that DistributedDataParallel sees every parameter the loss
     touches.  The logits may run under bf16 autocast; the bound never does.  ``compile`` names a
     ``torch.compile`` mode for the whole step (forward and the power iterations, which on a GPU
-    are launch-bound batch-1 convolutions); ``None`` runs eagerly.
+    are launch-bound batch-1 convolutions); ``None`` runs eagerly.  ``power_grad`` is
+    ``train.power_grad``: ``"unrolled"`` differentiates K through the power-iteration steps.
     """
 
-    def __init__(self, model: LipschitzNet, n_iter: int, precision: str = "fp32", compile: str | None = None) -> None:
+    def __init__(
+        self, model: LipschitzNet, n_iter: int, precision: str = "fp32", compile: str | None = None,
+        power_grad: str = "detached",
+    ) -> None:
         super().__init__()
         self.model = model
         self.n_iter = n_iter
+        self.unrolled = power_grad == "unrolled"
         self.precision = precision
         self._step: Callable[[Tensor], tuple[Tensor, Tensor]] = (
             torch.compile(self._eager, mode=compile) if compile else self._eager  # type: ignore[assignment]
@@ -45,7 +50,7 @@ class TrainStep(nn.Module):
             x = x.double()
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = self.model(x)
-        k, _ = self.model.feature_lipschitz(self.n_iter)
+        k, _ = self.model.feature_lipschitz(self.n_iter, self.unrolled)
         return (logits if self.precision == "fp64" else logits.float()), k
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
