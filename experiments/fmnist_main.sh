@@ -6,6 +6,8 @@
 #   experiments/fmnist_main.sh OUT pval   CLL p chosen on a validation split (data.val_fraction 0.1)
 #   experiments/fmnist_main.sh OUT cll    CLL at eps 0.15 and 0.5 with the chosen p (reads OUT/p_choice.json)
 #   experiments/fmnist_main.sh OUT gloro  GloRo at eps 0.15 and 0.5
+#   experiments/fmnist_main.sh OUT gloro-authors  the same with the authors' two gradient variants
+#                                         (loss.gloro_head_gradient, train.power_grad unrolled; issue 19)
 #   experiments/fmnist_main.sh OUT ce     CE + Lipschitz penalty (no training eps)
 #   experiments/fmnist_main.sh OUT backbone  CLL on a 1-Lipschitz backbone (BACKBONE, default aol-s) at eps 0.5
 #                                         with the 4C3F's chosen p (reads OUT/p_choice.json)
@@ -13,8 +15,8 @@
 # Environment: EPOCHS (6), MILESTONES ([4,5]), JOBS (2: runs trained at once), LIPMARGIN (lipmargin),
 # BACKBONE (aol-s; its preset fmnist-BACKBONE-cll must exist), AUDIT_N (1000: test images audited per run).
 set -euo pipefail
-out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|ce|backbone}
-stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|ce|backbone}
+out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone}
+stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone}
 lm=${LIPMARGIN:-lipmargin}
 epochs=${EPOCHS:-6}; milestones=${MILESTONES:-[4,5]}; jobs=${JOBS:-2}
 common=(--set train.epochs="$epochs" --set optim.milestones="$milestones" --set train.batch_size=256 --set eval.every=0)
@@ -55,6 +57,11 @@ PY
     $lm sweep --preset fmnist-4c3f-gloro "${common[@]}" --grid loss.eps=0.15,0.5 --seeds 3 --jobs "$jobs" --out "$out/gloro" --quiet
     $lm audit "$out/gloro" "${audit[@]}"
     ;;
+  gloro-authors)
+    $lm sweep --preset fmnist-4c3f-gloro "${common[@]}" --set loss.gloro_head_gradient=true --set train.power_grad=unrolled \
+      --grid loss.eps=0.15,0.5 --seeds 3 --jobs "$jobs" --out "$out/gloro-authors" --quiet
+    $lm audit "$out/gloro-authors" "${audit[@]}"
+    ;;
   ce)
     $lm sweep --preset fmnist-4c3f-ce "${common[@]}" --seeds 3 --jobs "$jobs" --out "$out/ce" --quiet
     $lm audit "$out/ce" "${audit[@]}"
@@ -66,5 +73,5 @@ PY
       --seeds 3 --jobs "$jobs" --out "$out/$bb-cll-eps0.5" --quiet
     $lm audit "$out/$bb-cll-eps0.5" "${audit[@]}"
     ;;
-  *) echo "unknown stage $stage (pval, cll, gloro, ce, backbone)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (pval, cll, gloro, gloro-authors, ce, backbone)" >&2; exit 2 ;;
 esac
