@@ -103,9 +103,10 @@ def member_matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for stacks ``(M, n, k) @ (M, k, p)``, each member's product rounded as its separate
     run's ``mm`` rounds it (so a batched member keeps its separate run's bits on the CPU)."""
     n, k, p = a.shape[-2], a.shape[-1], b.shape[-1]
-    if a.device.type == "cpu" and n * k * p < _CPU_BMM_OWN_KERNEL_BELOW:
-        return torch.stack([x @ y for x, y in zip(a, b)])
-    return a @ b
+    if a.device.type != "cpu" or n * k * p >= _CPU_BMM_OWN_KERNEL_BELOW:
+        return a @ b
+    # (Not mm(..., out=slice): with an out tensor ATen may take yet another kernel.)
+    return torch.stack([x @ y for x, y in zip(a.unbind(0), b.unbind(0))])
 
 
 class _MemberLinear(torch.autograd.Function):
