@@ -8,6 +8,14 @@ of its slice, so whatever updates the stacks (one AdamW, ``load_state_dict`` on 
 Two forwards give the same values: :class:`StackedForward` runs ``bmm`` / grouped convolutions for
 networks of ``Linear``, ``Conv2d`` and parameter-free per-sample layers (few, large kernels), and
 :class:`VmapForward` runs any LipschitzNet under ``torch.func.vmap(functional_call)``.
+
+On the CPU, :class:`StackedForward` keeps each member's bits for dense layers: its linear layers
+round forward and backward as ``F.linear`` does (:class:`_MemberLinear`), products small enough
+for ATen's own ``bmm`` loop go through ``mm`` member by member (:func:`member_matmul`), and K is
+multiplied up factor by factor as ``compose_estimate`` does.  Training amplifies any one-ulp
+difference to tenths of a percent over a long run, so this is what lets a batched sweep print the
+sequential sweep's table exactly (``tests/test_batched_bits.py``).  Grouped convolutions do not
+round as separate ones; conv members agree with their separate runs to rounding only.
 """
 
 from __future__ import annotations
