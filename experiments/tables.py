@@ -103,12 +103,60 @@ def moons(root: Path) -> None:
     print()
 
 
-def digits(cll: Path, gloro: Path) -> None:
+def moons_authors(root: Path) -> None:
+    """The moons-slack preset (the authors' recipe) against the paper's CRA, with the difference."""
+    paper_cra = {0.75: 90.2, 0.25: 98.8, 0.01: 99.7, 0.0001: 99.9}
     rows = []
-    for name, root in (("CLL (p 0.01)", cll), ("GloRo", gloro)):
+    for c in load(root / "results.json")["cells"]:
+        p, cra = c["params"]["loss.p"], c["certified_accuracy"]["0.15"]
+        rows.append([str(p), pm(c["clean_accuracy"]), pm(cra), f"{paper_cra[p]}", f"{cra['mean'] * 100 - paper_cra[p]:+.1f}",
+                     f"{c['lipschitz']['mean']:.0f} ± {c['lipschitz']['std']:.0f}", audit_text(c)])
+    print("### Two moons, preset moons-slack (authors' recipe; 20,000 test points; mean ± std over 3 seeds)\n")
+    print(table(["p", "clean %", "CRA@0.15 % (sound)", "paper CRA %", "difference", "trained K of f (sound)", "audit violations"], rows))
+    print()
+
+
+def _diff_row(label: str, a: dict, b: dict) -> list[str]:
+    """``a - b`` per column: difference of means ± sqrt(s_a^2 + s_b^2)."""
+    row = [label]
+    for get in [lambda c: c["clean_accuracy"]] + [lambda c, r=r: c["certified_accuracy"][r] for r in RADII]:
+        sa, sb = get(a), get(b)
+        row.append(f"{(sa['mean'] - sb['mean']) * 100:+.1f} ± {math.hypot(sa['std'], sb['std']) * 100:.1f}")
+    return row
+
+
+def digits_validation(roots: list[Path], choice: dict) -> None:
+    """The validation sweeps (20 % of the training set held out) behind the digits choices."""
+    rows = []
+    for root in roots:
+        res = load(root / "results.json")
+        base = res.get("base", {})
+        for c in res["cells"]:
+            params = dict(c["params"])
+            name = "CLL" if "loss.p" in params else "GloRo"
+            if name == "GloRo":
+                variant = "authors' gradients" if "authors" in root.name else "lipmargin default"
+                setting = f"eps annealed: {str(params['loss.eps_anneal']).lower()}; {variant}"
+            else:
+                setting = f"p {params['loss.p']}"
+            rows.append([name, setting, pm(c["clean_accuracy"]), pm(c["certified_accuracy"]["0.5"]), pm(c["certified_accuracy"]["0.141177"]),
+                         f"{c['lipschitz']['mean']:.1f}"])
+    print("### Digits validation sweeps (1,150 train / 287 held-out validation images; mean ± std over 3 seeds)\n")
+    print(table(["loss", "setting", "val clean %", "val CRA@0.5 %", "val CRA@36/255 %", "K (sound)"], rows))
+    print()
+    print(f"Chosen by validation CRA at 0.5: CLL p {choice['cll']['p']}; GloRo eps annealed "
+          f"{str(choice['gloro']['eps_anneal']).lower()}, {choice['gloro']['variant']} gradients.\n")
+
+
+def digits(cll: Path, gloro: Path, cll_label: str = "CLL (p 0.01)", gloro_label: str = "GloRo") -> None:
+    rows = []
+    cells = []
+    for name, root in ((cll_label, cll), (gloro_label, gloro)):
         c = load(root / "results.json")["cells"][0]
+        cells.append(c)
         rows.append([name, pm(c["clean_accuracy"])] + [pm(c["certified_accuracy"][r]) for r in RADII]
                     + [f"{c['lipschitz']['mean']:.1f} ± {c['lipschitz']['std']:.1f}", audit_text(c)])
+    rows.append(_diff_row("**CLL − GloRo**", cells[0], cells[1]) + ["", ""])
     print("### Digits (8x8, 2C2F, eps 0.5, 60 epochs, float64; 360 test images; mean ± std over 3 seeds)\n")
     print(table(["loss", "clean %"] + [f"CRA@{r} %" for r in RADII_LABEL] + ["K (sound)", "audit violations"], rows))
     print()
@@ -148,8 +196,16 @@ def peer(root: Path) -> None:
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results")
     fmnist(root / "fmnist")
+    if (root / "moons-slack-authors" / "results.json").is_file():
+        moons_authors(root / "moons-slack-authors")
     moons(root / "moons-slack")
     digits(root / "digits-cll", root / "digits-gloro")
+    tuned = root / "digits-tuned"
+    if (tuned / "choice.json").is_file():
+        choice = load(tuned / "choice.json")
+        digits_validation(sorted(d for d in tuned.glob("*-val*") if d.is_dir()), choice)
+        digits(tuned / "cll", tuned / "gloro", f"CLL (p {choice['cll']['p']}, validated)",
+               f"GloRo (validated: annealed {str(choice['gloro']['eps_anneal']).lower()}, {choice['gloro']['variant']})")
     backbones(root / "backbones-1epoch")
     if (root / "peer").is_dir():
         peer(root / "peer")
