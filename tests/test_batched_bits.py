@@ -106,3 +106,8 @@ def test_float32_members_equal_separate_runs_bit_for_bit(tmp_path: Path) -> None
             ra.pop("seconds"), rb.pop("seconds")
             assert ra == rb
         assert (batched / "certificates.csv").read_bytes() == (separate / "certificates.csv").read_bytes()
+        assert (batched / "config.yaml").read_text() == (separate / "config.yaml").read_text()
+        sa, sb = (json.loads((run / "summary.json").read_text()) for run in (batched, separate))
+        for timing in ("train_seconds", "checkpoint"):  # wall time, and the checkpoint's hash (which covers it)
+            sa.pop(timing), sb.pop(timing)
+        assert sa == sb

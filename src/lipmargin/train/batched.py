@@ -61,7 +61,7 @@ from lipmargin.train.stacked import (
 from lipmargin.train.build import build_optimizer, init_model, load_run_data, rng_devices
 from lipmargin.train.ddp import dist_info_from_env
 from lipmargin.train.errors import TrainingError
-from lipmargin.train.hardware import resolve_device
+from lipmargin.train.hardware import resolve_device, resolve_hardware
 from lipmargin.train.runfiles import (
     TensorBoardLog,
     append_record,
@@ -239,9 +239,10 @@ def _train_group(
     runs: Sequence[tuple[RunConfig, str | Path]], emit: Callable[[dict[str, Any]], None], group: tuple[int, int],
     vmap_only: bool,
 ) -> list[str]:
-    members = [_Member(cfg, Path(out)) for cfg, out in runs]
+    device = resolve_device(runs[0][0].train.device)
+    # The configs as fit writes them: precision and layout resolved for the device.
+    members = [_Member(resolve_hardware(cfg, device), Path(out)) for cfg, out in runs]
     base = members[0].cfg
-    device = resolve_device(base.train.device)
     fp64 = base.train.precision == "fp64"
     data = load_run_data(base)
     start = _common_start(members)
