@@ -1,9 +1,12 @@
 """Figures for docs/results.md from finished run folders (matplotlib; run with the repo's venv).
 
-    python experiments/figures.py --fmnist RUNS/fm --moons RUNS/cpu/moons-slack --out docs/figures
+    python experiments/figures.py --fmnist RUNS/fm --moons RUNS/cpu/moons-slack --digits RUNS/digits --out docs/figures
 
 - ``fmnist-cra-eps{0.15,0.5}.png``: certified accuracy against the radius (sound bounds, 10,000 test
   images, seed 0) of CLL, GloRo and CE + Lipschitz penalty trained at that eps.
+- ``digits-cra.png``: certified accuracy against the radius of the validated CLL and GloRo digits
+  models (seed 0, the 360 test images; ``--digits`` names a folder holding the ``cll`` and
+  ``gloro`` sweeps).
 - ``moons-p{p}.png``: the decision regions of the seed-0 two-moons model of each slack p, with the
   band of points not certified at eps 0.15 (sound bound).
 """
@@ -49,6 +52,28 @@ def fmnist(root: Path, out: Path) -> None:
         fig.savefig(out / f"fmnist-cra-eps{eps}.png", dpi=110, bbox_inches="tight")
 
 
+def digits(root: Path, out: Path) -> None:
+    fig = plots._new_figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for k, name in enumerate(("cll", "gloro")):
+        cell = next((root / name / "cells").iterdir())
+        certs = load_certificates(cell / "seed-0")
+        correct = certs.target == certs.prediction
+        x, y = plots.certified_accuracy_steps(certs.radius, correct)
+        label = {"cll": "CLL", "gloro": "GloRo"}[name]
+        ax.plot(x, y, drawstyle="steps-post", color=f"C{k}", lw=1.8, label=f"{label} (clean {correct.mean():.1%})")
+    for r in RADII:
+        ax.axvline(r, color="0.6", ls=":", lw=0.8)
+    ax.set_xlim(0, 1.3)
+    ax.set_ylim(0, 1.0)
+    ax.set_xlabel("ε (L2 radius, pixels in [0, 1])")
+    ax.set_ylabel("certified accuracy (sound bound)")
+    ax.set_title("8x8 digits 2C2F, trained at eps 0.5, validated settings (seed 0, 360 test images)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.savefig(out / "digits-cra.png", dpi=110, bbox_inches="tight")
+
+
 def moons(root: Path, out: Path) -> None:
     for cell in sorted((root / "cells").iterdir()):
         p = cell.name.split("=", 1)[1]
@@ -63,6 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fmnist", type=Path)
     ap.add_argument("--moons", type=Path)
+    ap.add_argument("--digits", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +96,8 @@ def main() -> None:
         fmnist(args.fmnist, args.out)
     if args.moons:
         moons(args.moons, args.out)
+    if args.digits:
+        digits(args.digits, args.out)
 
 
 if __name__ == "__main__":
