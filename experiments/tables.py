@@ -144,8 +144,9 @@ def digits_validation(roots: list[Path], choice: dict) -> None:
     print("### Digits validation sweeps (1,150 train / 287 held-out validation images; mean ± std over 3 seeds)\n")
     print(table(["loss", "setting", "val clean %", "val CRA@0.5 %", "val CRA@36/255 %", "K (sound)"], rows))
     print()
-    print(f"Chosen by validation CRA at 0.5: CLL p {choice['cll']['p']}; GloRo eps annealed "
-          f"{str(choice['gloro']['eps_anneal']).lower()}, {choice['gloro']['variant']} gradients.\n")
+    variant = {"plain": "lipmargin's default gradients", "authors": "the authors' gradients"}[choice["gloro"]["variant"]]
+    print(f"Chosen by validation CRA at 0.5: CLL p {choice['cll']['p']}; GloRo with eps annealed "
+          f"{str(choice['gloro']['eps_anneal']).lower()} and {variant}.\n")
 
 
 def digits(cll: Path, gloro: Path, cll_label: str = "CLL (p 0.01)", gloro_label: str = "GloRo") -> None:
@@ -205,7 +206,8 @@ def main() -> None:
         choice = load(tuned / "choice.json")
         digits_validation(sorted(d for d in tuned.glob("*-val*") if d.is_dir()), choice)
         digits(tuned / "cll", tuned / "gloro", f"CLL (p {choice['cll']['p']}, validated)",
-               f"GloRo (validated: annealed {str(choice['gloro']['eps_anneal']).lower()}, {choice['gloro']['variant']})")
+               "GloRo (validated: annealed eps, default gradients)" if choice["gloro"]["variant"] == "plain" and choice["gloro"]["eps_anneal"]
+               else f"GloRo (validated: {choice['gloro']})")
     backbones(root / "backbones-1epoch")
     if (root / "peer").is_dir():
         peer(root / "peer")
