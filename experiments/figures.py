@@ -27,51 +27,40 @@ from lipmargin.report.run import _decision_regions_figure  # noqa: E402
 RADII = [36 / 255, 72 / 255, 108 / 255, 0.5, 1.0]
 
 
-def fmnist(root: Path, out: Path) -> None:
-    runs = {
-        0.15: {"CLL": "cll-eps0.15/cells/base", "GloRo": "gloro/cells/loss.eps=0.15", "CE + penalty": "ce/cells/base"},
-        0.5: {"CLL": "cll-eps0.5/cells/base", "GloRo": "gloro/cells/loss.eps=0.5", "CE + penalty": "ce/cells/base"},
-    }
-    for eps, methods in runs.items():
-        fig = plots._new_figure(figsize=(6.4, 4.2))
-        ax = fig.add_subplot()
-        for k, (name, rel) in enumerate(methods.items()):
-            certs = load_certificates(root / rel / "seed-0")
-            correct = certs.target == certs.prediction
-            x, y = plots.certified_accuracy_steps(certs.radius, correct)
-            ax.plot(x, y, drawstyle="steps-post", color=f"C{k}", lw=1.8, label=f"{name} (clean {correct.mean():.1%})")
-        for r in RADII:
-            ax.axvline(r, color="0.6", ls=":", lw=0.8)
-        ax.set_xlim(0, 1.3)
-        ax.set_ylim(0, 1.0)
-        ax.set_xlabel("ε (L2 radius, pixels in [0, 1])")
-        ax.set_ylabel("certified accuracy (sound bound)")
-        ax.set_title(f"Fashion-MNIST 4C3F, trained at eps {eps} (seed 0, 10,000 test images)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right")
-        fig.savefig(out / f"fmnist-cra-eps{eps}.png", dpi=110, bbox_inches="tight")
-
-
-def digits(root: Path, out: Path) -> None:
+def cra_figure(runs: dict[str, Path], title: str, path: Path) -> None:
+    """Certified accuracy against the radius of each named run folder (sound bounds), as a PNG."""
     fig = plots._new_figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
-    for k, name in enumerate(("cll", "gloro")):
-        cell = next((root / name / "cells").iterdir())
-        certs = load_certificates(cell / "seed-0")
+    for k, (name, run) in enumerate(runs.items()):
+        certs = load_certificates(run)
         correct = certs.target == certs.prediction
         x, y = plots.certified_accuracy_steps(certs.radius, correct)
-        label = {"cll": "CLL", "gloro": "GloRo"}[name]
-        ax.plot(x, y, drawstyle="steps-post", color=f"C{k}", lw=1.8, label=f"{label} (clean {correct.mean():.1%})")
+        ax.plot(x, y, drawstyle="steps-post", color=f"C{k}", lw=1.8, label=f"{name} (clean {correct.mean():.1%})")
     for r in RADII:
         ax.axvline(r, color="0.6", ls=":", lw=0.8)
     ax.set_xlim(0, 1.3)
     ax.set_ylim(0, 1.0)
     ax.set_xlabel("ε (L2 radius, pixels in [0, 1])")
     ax.set_ylabel("certified accuracy (sound bound)")
-    ax.set_title("8x8 digits 2C2F, trained at eps 0.5, validated settings (seed 0, 360 test images)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
-    fig.savefig(out / "digits-cra.png", dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def fmnist(root: Path, out: Path) -> None:
+    runs = {
+        0.15: {"CLL": "cll-eps0.15/cells/base", "GloRo": "gloro/cells/loss.eps=0.15", "CE + penalty": "ce/cells/base"},
+        0.5: {"CLL": "cll-eps0.5/cells/base", "GloRo": "gloro/cells/loss.eps=0.5", "CE + penalty": "ce/cells/base"},
+    }
+    for eps, methods in runs.items():
+        cra_figure({name: root / rel / "seed-0" for name, rel in methods.items()},
+                   f"Fashion-MNIST 4C3F, trained at eps {eps} (seed 0, 10,000 test images)", out / f"fmnist-cra-eps{eps}.png")
+
+
+def digits(root: Path, out: Path) -> None:
+    runs = {label: next((root / name / "cells").iterdir()) / "seed-0" for name, label in (("cll", "CLL"), ("gloro", "GloRo"))}
+    cra_figure(runs, "8x8 digits 2C2F, trained at eps 0.5, validated settings (seed 0, 360 test images)", out / "digits-cra.png")
 
 
 def moons(root: Path, out: Path) -> None:
