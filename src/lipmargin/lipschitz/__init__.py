@@ -39,7 +39,7 @@ from lipmargin.lipschitz.operators import (
     pairwise_head_norms,
     pairwise_head_norms_bound,
 )
-from lipmargin.lipschitz.power import converge_operator_norm, no_autocast, normalize, operator_norm_estimate, power_iteration
+from lipmargin.lipschitz.power import converge_operator_norm, no_autocast, normalize, operator_norm_estimate, power_iteration, training_estimate
 from lipmargin.lipschitz.rounding import ROUNDING_MARGIN
 from lipmargin.lipschitz.rules import (
     LAYER_RULES,
@@ -67,6 +67,7 @@ __all__ = [
     "normalize",
     "power_iteration",
     "operator_norm_estimate",
+    "training_estimate",
     "converge_operator_norm",
     "pairwise_head_norms",
     "pairwise_head_norms_bound",

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lipmargin.lipschitz.graph import GraphPlan, ModelStructureError, compose_estimate, compose_sound, pairwise_estimate, structure_signature, trace_model
 from lipmargin.lipschitz.operators import float64_operator, operator_norm_bound
-from lipmargin.lipschitz.power import converge_operator_norm, no_autocast, normalize, operator_norm_estimate, power_iteration
+from lipmargin.lipschitz.power import converge_operator_norm, no_autocast, normalize, training_estimate
 from lipmargin.lipschitz.rules import LayerRule, layer_rule
 
 __all__ = ["FeatureEstimate"]
@@ -176,18 +176,9 @@ class FeatureEstimate(nn.Module):
             if name is not None:
                 assert rule.operator is not None
                 fwd, adj = rule.operator(m, step.in_shape or ())
-                v = getattr(self, name)
-                if n_iter > 0 and self.training and unrolled:
-                    # from a copy: the buffer is overwritten with the new vector before the backward
-                    v = power_iteration(fwd, adj, v.detach().clone(), n_iter)  # differentiable in the weights
-                    vectors[name] = v.detach()
-                    sigma = operator_norm_estimate(fwd, v)
-                else:
-                    if n_iter > 0 and self.training:
-                        with torch.no_grad():
-                            v = power_iteration(fwd, adj, v, n_iter)
-                        vectors[name] = v
-                    sigma = operator_norm_estimate(fwd, v.detach())
+                sigma, advanced = training_estimate(fwd, adj, getattr(self, name), n_iter if self.training else 0, unrolled=unrolled)
+                if advanced is not None:
+                    vectors[name] = advanced
             elif rule.estimate is not None:
                 sigma = rule.estimate(m).reshape(()).to(ref)
             elif rule.constant is not None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["normalize", "power_iteration", "operator_norm_estimate", "converge_operator_norm", "no_autocast"]
+__all__ = ["normalize", "power_iteration", "operator_norm_estimate", "training_estimate", "converge_operator_norm", "no_autocast"]
 
 Operator = Callable[[Tensor], Tensor]
 
@@ -80,6 +80,27 @@ def operator_norm_estimate(forward: Operator, v: Tensor, *, batched: bool = Fals
     if not batched:
         return forward(v).norm() / v.norm()
     return (_norms(forward(v), True) / _norms(v, True)).reshape(-1)
+
+
+def training_estimate(
+    forward: Operator, adjoint: Operator, v: Tensor, n_iter: int, *, unrolled: bool = False, batched: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """One training step's ``(||A u|| / ||u||, u)``: ``u`` is ``v`` advanced by ``n_iter`` steps
+    (``None`` when ``n_iter`` is 0: nothing to store).
+
+    The estimate is differentiable in ``A``.  By default ``u`` is a constant in it; ``unrolled``
+    differentiates through the ``n_iter`` steps as well (``train.power_grad``), starting from a
+    copy of ``v`` so that the caller may overwrite its buffer before the backward.  The returned
+    ``u`` carries no graph either way.
+    """
+    if n_iter <= 0:
+        return operator_norm_estimate(forward, v.detach(), batched=batched), None
+    if unrolled:
+        u = power_iteration(forward, adjoint, v.detach().clone(), n_iter, batched=batched)
+        return operator_norm_estimate(forward, u, batched=batched), u.detach()
+    with torch.no_grad():
+        u = power_iteration(forward, adjoint, v, n_iter, batched=batched)
+    return operator_norm_estimate(forward, u.detach(), batched=batched), u
 
 
 def converge_operator_norm(

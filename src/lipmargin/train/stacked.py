@@ -39,6 +39,7 @@ from lipmargin.lipschitz import (
     operator_norm_estimate,
     pairwise_head_norms,
     power_iteration,
+    training_estimate,
 )
 from lipmargin.losses import lipschitz_penalty
 from lipmargin.models import LipschitzNet
@@ -206,17 +207,10 @@ class StackedForward:
                 sigmas.append(torch.full((h.shape[0],), float(layer_rule(m).constant(m)), dtype=logits.dtype, device=logits.device))  # type: ignore[misc]
                 continue
             fwd, adj = _stacked_operator(m, self.params[f"{name}.weight"], shape)
-            v = self.buffers[f"bound.{vec}"]
-            if self.n_iter > 0 and self.unrolled:  # train.power_grad=unrolled, as FeatureEstimate.advance
-                v = power_iteration(fwd, adj, v.detach().clone(), self.n_iter, batched=True)
-                vectors[vec] = v.detach()
-                sigmas.append(operator_norm_estimate(fwd, v, batched=True))
-                continue
-            if self.n_iter > 0:
-                with torch.no_grad():
-                    v = power_iteration(fwd, adj, v, self.n_iter, batched=True)
-                vectors[vec] = v
-            sigmas.append(operator_norm_estimate(fwd, v.detach(), batched=True))
+            sigma, advanced = training_estimate(fwd, adj, self.buffers[f"bound.{vec}"], self.n_iter, unrolled=self.unrolled, batched=True)
+            if advanced is not None:
+                vectors[vec] = advanced
+            sigmas.append(sigma)
         # K as the separate run's compose_estimate forms it, factor by factor from the input
         # (torch.prod's backward would round the gradients differently).
         k = torch.ones_like(sigmas[0])
