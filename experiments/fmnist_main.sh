@@ -12,22 +12,29 @@
 #   experiments/fmnist_main.sh OUT backbone  CLL on a 1-Lipschitz backbone (BACKBONE, default aol-s) at eps 0.5
 #                                         with the 4C3F's chosen p (reads OUT/p_choice.json)
 #
-# Environment: EPOCHS (6), MILESTONES ([4,5]), JOBS (2: runs trained at once), LIPMARGIN (lipmargin),
-# BACKBONE (aol-s; its preset fmnist-BACKBONE-cll must exist), AUDIT_N (1000: test images audited per run).
+# Environment: EPOCHS (6), MILESTONES ([4,5]), BATCH (256), TRAIN_SIZE (all: a class-stratified subset of
+# the training images, data.train_size), P_GRID (0.3,0.03,0.003: the p values the pval stage tries),
+# JOBS (2: runs trained at once), LIPMARGIN (lipmargin), BACKBONE (aol-s; its preset fmnist-BACKBONE-cll
+# must exist), AUDIT_N (1000: test images audited per run), AUTOATTACK (0; 1: the audits also run
+# APGD-CE / APGD-T through torchattacks), LOBO_PAIRS (200).
+# Every stage can be stopped and started again: a sweep continues where it stopped, and an audit
+# already written for a run (audit.json) is not redone.
 set -euo pipefail
 out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone}
 stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone}
 lm=${LIPMARGIN:-lipmargin}
 epochs=${EPOCHS:-6}; milestones=${MILESTONES:-[4,5]}; jobs=${JOBS:-2}
-common=(--set train.epochs="$epochs" --set optim.milestones="$milestones" --set train.batch_size=256 --set eval.every=0)
+common=(--set train.epochs="$epochs" --set optim.milestones="$milestones" --set train.batch_size="${BATCH:-256}" --set eval.every=0)
+if [[ -n ${TRAIN_SIZE:-} ]]; then common+=(--set data.train_size="$TRAIN_SIZE"); fi
 # The p chosen by the pval stage for training eps $1.
 chosen_p() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]['p'])" "$out/p_choice.json" "$1"; }
-audit=(--n "${AUDIT_N:-1000}" --pgd-steps 20 --pgd-restarts 2 --lobo-pairs 200 --lobo-steps 100)
+audit=(--n "${AUDIT_N:-1000}" --pgd-steps 20 --pgd-restarts 2 --lobo-pairs "${LOBO_PAIRS:-200}" --lobo-steps 100)
+if [[ ${AUTOATTACK:-0} == 1 ]]; then audit+=(--autoattack); fi
 mkdir -p "$out"
 case $stage in
   pval)
     $lm sweep --preset fmnist-4c3f-cll "${common[@]}" --set data.val_fraction=0.1 \
-      --grid loss.eps=0.15,0.5 --grid loss.p=0.3,0.03,0.003 --seeds 1 --jobs "$jobs" --out "$out/pval" --quiet
+      --grid loss.eps=0.15,0.5 --grid loss.p="${P_GRID:-0.3,0.03,0.003}" --seeds 1 --jobs "$jobs" --out "$out/pval" --quiet
     # The chosen p maximises validation CRA at the evaluation radius nearest the training eps
     # (36/255 for eps 0.15, 0.5 for eps 0.5).
     python3 - "$out" <<'PY'
