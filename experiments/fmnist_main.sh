@@ -9,6 +9,7 @@
 #   experiments/fmnist_main.sh OUT gloro-authors  the same with the authors' two gradient variants
 #                                         (loss.gloro_head_gradient, train.power_grad unrolled; issue 19)
 #   experiments/fmnist_main.sh OUT ce     CE + Lipschitz penalty (no training eps)
+#   experiments/fmnist_main.sh OUT audit  audit every sweep in OUT but pval (after stages run with NO_AUDIT=1)
 #   experiments/fmnist_main.sh OUT backbone  CLL on a 1-Lipschitz backbone (BACKBONE, default aol-s) at eps 0.5
 #                                         with the 4C3F's chosen p (reads OUT/p_choice.json)
 #
@@ -20,8 +21,8 @@
 # Every stage can be stopped and started again: a sweep continues where it stopped, and an audit
 # already written for a run (audit.json) is not redone.
 set -euo pipefail
-out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone}
-stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone}
+out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone|audit}
+stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone|audit}
 lm=${LIPMARGIN:-lipmargin}
 epochs=${EPOCHS:-6}; milestones=${MILESTONES:-[4,5]}; jobs=${JOBS:-2}
 common=(--set train.epochs="$epochs" --set optim.milestones="$milestones" --set train.batch_size="${BATCH:-256}" --set eval.every=0)
@@ -30,6 +31,8 @@ if [[ -n ${TRAIN_SIZE:-} ]]; then common+=(--set data.train_size="$TRAIN_SIZE");
 chosen_p() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]['p'])" "$out/p_choice.json" "$1"; }
 audit=(--n "${AUDIT_N:-1000}" --pgd-steps 20 --pgd-restarts 2 --lobo-pairs "${LOBO_PAIRS:-200}" --lobo-steps 100)
 if [[ ${AUTOATTACK:-0} == 1 ]]; then audit+=(--autoattack); fi
+# NO_AUDIT=1: train only; the `audit` stage audits every finished sweep in OUT afterwards.
+audit_sweep() { if [[ ${NO_AUDIT:-0} != 1 ]]; then $lm audit "$1" "${audit[@]}"; fi; }
 mkdir -p "$out"
 case $stage in
   pval)
@@ -57,28 +60,33 @@ PY
       p=$(chosen_p "$eps")
       $lm sweep --preset fmnist-4c3f-cll "${common[@]}" --set loss.eps="$eps" --set loss.p="$p" \
         --seeds 3 --jobs "$jobs" --out "$out/cll-eps$eps" --quiet
-      $lm audit "$out/cll-eps$eps" "${audit[@]}"
+      audit_sweep "$out/cll-eps$eps" "${audit[@]}"
     done
     ;;
   gloro)
     $lm sweep --preset fmnist-4c3f-gloro "${common[@]}" --grid loss.eps=0.15,0.5 --seeds 3 --jobs "$jobs" --out "$out/gloro" --quiet
-    $lm audit "$out/gloro" "${audit[@]}"
+    audit_sweep "$out/gloro" "${audit[@]}"
     ;;
   gloro-authors)
     $lm sweep --preset fmnist-4c3f-gloro "${common[@]}" --set loss.gloro_head_gradient=true --set train.power_grad=unrolled \
       --grid loss.eps=0.15,0.5 --seeds 3 --jobs "$jobs" --out "$out/gloro-authors" --quiet
-    $lm audit "$out/gloro-authors" "${audit[@]}"
+    audit_sweep "$out/gloro-authors" "${audit[@]}"
     ;;
   ce)
     $lm sweep --preset fmnist-4c3f-ce "${common[@]}" --seeds 3 --jobs "$jobs" --out "$out/ce" --quiet
-    $lm audit "$out/ce" "${audit[@]}"
+    audit_sweep "$out/ce" "${audit[@]}"
     ;;
   backbone)
     bb=${BACKBONE:-aol-s}
     p=$(chosen_p 0.5)
     $lm sweep --preset "fmnist-$bb-cll" "${common[@]}" --set loss.eps=0.5 --set loss.p="$p" \
       --seeds 3 --jobs "$jobs" --out "$out/$bb-cll-eps0.5" --quiet
-    $lm audit "$out/$bb-cll-eps0.5" "${audit[@]}"
+    audit_sweep "$out/$bb-cll-eps0.5" "${audit[@]}"
     ;;
-  *) echo "unknown stage $stage (pval, cll, gloro, gloro-authors, ce, backbone)" >&2; exit 2 ;;
+  audit)
+    for sweep in "$out"/*/; do
+      if [[ -f $sweep/sweep.json && ${sweep%/} != "$out/pval" ]]; then $lm audit "${sweep%/}" "${audit[@]}"; fi
+    done
+    ;;
+  *) echo "unknown stage $stage (pval, cll, gloro, gloro-authors, ce, backbone, audit)" >&2; exit 2 ;;
 esac
