@@ -57,25 +57,28 @@ LM_MODEL = "4C3F-peer"
 # --------------------------------------------------------------------------------------------
 
 
-def deel_model(pool: str) -> torchlip.Sequential:
+def deel_model(pool: str, width_mult: int = 1) -> torchlip.Sequential:
+    """The tutorial's network (``pool="l2"``) or its space-to-depth variant, channel / unit counts
+    times ``width_mult`` (1: the tutorial's 16 / 32 / 64)."""
+    w = width_mult
     if pool == "l2":  # the tutorial's choice
         down1: list[nn.Module] = [torchlip.ScaledL2NormPool2d(kernel_size=(2, 2))]
         down2: list[nn.Module] = [torchlip.ScaledL2NormPool2d(kernel_size=(2, 2))]
-        c2_in, flat = 16, 32 * 7 * 7
+        c2_in, flat = 16 * w, 32 * w * 7 * 7
     else:  # InvertibleDownSampling: space-to-depth, keeps every value
         down1, down2 = [torchlip.InvertibleDownSampling(2)], [torchlip.InvertibleDownSampling(2)]
-        c2_in, flat = 64, 128 * 7 * 7
+        c2_in, flat = 64 * w, 128 * w * 7 * 7
     return torchlip.Sequential(
-        torchlip.SpectralConv2d(1, 16, kernel_size=(3, 3), padding="same"),
+        torchlip.SpectralConv2d(1, 16 * w, kernel_size=(3, 3), padding="same"),
         torchlip.GroupSort2(),
         *down1,
-        torchlip.SpectralConv2d(c2_in, 32, kernel_size=(3, 3), padding="same"),
+        torchlip.SpectralConv2d(c2_in, 32 * w, kernel_size=(3, 3), padding="same"),
         torchlip.GroupSort2(),
         *down2,
         nn.Flatten(),
-        torchlip.SpectralLinear(flat, 64),
+        torchlip.SpectralLinear(flat, 64 * w),
         torchlip.GroupSort2(),
-        torchlip.FrobeniusLinear(64, 10, bias=True, disjoint_neurons=True),
+        torchlip.FrobeniusLinear(64 * w, 10, bias=True, disjoint_neurons=True),
         k_coef_lip=1.0,
     )
 

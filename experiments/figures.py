@@ -4,6 +4,8 @@
 
 - ``fmnist-cra-eps{0.15,0.5}.png``: certified accuracy against the radius (sound bounds, 10,000 test
   images, seed 0) of CLL, GloRo and CE + Lipschitz penalty trained at that eps.
+- ``fmnist25-cra-eps{0.15,0.5}.png``: the same for issue 19's 25-epoch comparison (``--fmnist-converged``:
+  CLL, GloRo with both gradient variants, HKR through deel-torchlip, CE + penalty, CLL on AOL-S).
 - ``digits-cra.png``: certified accuracy against the radius of the validated CLL and GloRo digits
   models (seed 0, the 360 test images; ``--digits`` names a folder holding the ``cll`` and
   ``gloro`` sweeps).
@@ -58,6 +60,22 @@ def fmnist(root: Path, out: Path) -> None:
                    f"Fashion-MNIST 4C3F, trained at eps {eps} (seed 0, 10,000 test images)", out / f"fmnist-cra-eps{eps}.png")
 
 
+def fmnist_converged(root: Path, out: Path) -> None:
+    """Issue 19's comparison at 25 epochs (seed 0 of each final; the losses that have finished)."""
+    for eps in (0.15, 0.5):
+        runs = {
+            "CLL": root / f"cll-eps{eps}/cells/base/seed-0",
+            "GloRo": root / f"gloro/cells/loss.eps={eps}/seed-0",
+            "GloRo, authors' gradients": root / f"gloro-authors/cells/loss.eps={eps}/seed-0",
+            "HKR (deel-torchlip)": root / f"hkr-eps{eps}/seed-0",
+            "CE + penalty": root / "ce/cells/base/seed-0",
+            "CLL on aol-s": root / f"aol-s-cll-eps{eps}/cells/base/seed-0",
+        }
+        runs = {name: run for name, run in runs.items() if (run / "certificates.csv").is_file()}
+        cra_figure(runs, f"Fashion-MNIST, 25 epochs on 10,000 images, trained at eps {eps} (seed 0)",
+                   out / f"fmnist25-cra-eps{eps}.png")
+
+
 def digits(root: Path, out: Path) -> None:
     runs = {label: next((root / name / "cells").iterdir()) / "seed-0" for name, label in (("cll", "CLL"), ("gloro", "GloRo"))}
     cra_figure(runs, "8x8 digits 2C2F, trained at eps 0.5, validated settings (seed 0, 360 test images)", out / "digits-cra.png")
@@ -76,6 +94,7 @@ def moons(root: Path, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fmnist", type=Path)
+    ap.add_argument("--fmnist-converged", type=Path, help="the issue-19 folder (docs/results/fmnist-25ep layout)")
     ap.add_argument("--moons", type=Path)
     ap.add_argument("--digits", type=Path)
     ap.add_argument("--out", type=Path, required=True)
@@ -83,6 +102,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.fmnist:
         fmnist(args.fmnist, args.out)
+    if args.fmnist_converged:
+        fmnist_converged(args.fmnist_converged, args.out)
     if args.moons:
         moons(args.moons, args.out)
     if args.digits:

@@ -9,6 +9,8 @@
 #   experiments/fmnist_main.sh OUT gloro-authors  the same with the authors' two gradient variants
 #                                         (loss.gloro_head_gradient, train.power_grad unrolled; issue 19)
 #   experiments/fmnist_main.sh OUT ce     CE + Lipschitz penalty (no training eps)
+#   experiments/fmnist_main.sh OUT hkr    HKR through deel-torchlip (experiments/fmnist_hkr.py): alpha / margin
+#                                         chosen on the validation split for eps 0.15 and 0.5, then 3 seeds each
 #   experiments/fmnist_main.sh OUT audit  audit every sweep in OUT but pval (after stages run with NO_AUDIT=1)
 #   experiments/fmnist_main.sh OUT backbone  CLL on a 1-Lipschitz backbone (BACKBONE, default aol-s) at eps 0.5
 #                                         with the 4C3F's chosen p (reads OUT/p_choice.json)
@@ -16,13 +18,14 @@
 # Environment: EPOCHS (6), MILESTONES ([4,5]), BATCH (256), TRAIN_SIZE (all: a class-stratified subset of
 # the training images, data.train_size), P_GRID (0.3,0.03,0.003: the p values the pval stage tries),
 # JOBS (2: runs trained at once), LIPMARGIN (lipmargin), BACKBONE (aol-s; its preset fmnist-BACKBONE-cll
-# must exist), AUDIT_N (1000: test images audited per run), AUTOATTACK (0; 1: the audits also run
+# must exist), PYTHON (python3: the one with lipmargin and deel-torchlip, for the hkr stage),
+# AUDIT_N (1000: test images audited per run), AUTOATTACK (0; 1: the audits also run
 # APGD-CE / APGD-T through torchattacks), LOBO_PAIRS (200).
 # Every stage can be stopped and started again: a sweep continues where it stopped, and an audit
 # already written for a run (audit.json) is not redone.
 set -euo pipefail
-out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone|audit}
-stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone|audit}
+out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone|hkr|audit}
+stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone|hkr|audit}
 lm=${LIPMARGIN:-lipmargin}
 epochs=${EPOCHS:-6}; milestones=${MILESTONES:-[4,5]}; jobs=${JOBS:-2}
 common=(--set train.epochs="$epochs" --set optim.milestones="$milestones" --set train.batch_size="${BATCH:-256}" --set eval.every=0)
@@ -31,6 +34,20 @@ if [[ -n ${TRAIN_SIZE:-} ]]; then common+=(--set data.train_size="$TRAIN_SIZE");
 chosen_p() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]['p'])" "$out/p_choice.json" "$1"; }
 audit=(--n "${AUDIT_N:-1000}" --pgd-steps 20 --pgd-restarts 2 --lobo-pairs "${LOBO_PAIRS:-200}" --lobo-steps 100)
 if [[ ${AUTOATTACK:-0} == 1 ]]; then audit+=(--autoattack); fi
+# HKR runs: the runner takes the same budget; its audits are the same attacks (experiments/fmnist_hkr.py).
+py=${PYTHON:-python3}
+hkr_common=(--epochs "$epochs" --milestones "$(tr -d '[] ' <<< "$milestones")" --batch-size "${BATCH:-256}" --threads 1)
+if [[ -n ${TRAIN_SIZE:-} ]]; then hkr_common+=(--train-size "$TRAIN_SIZE"); fi
+hkr_audit=(--audit-n "${AUDIT_N:-1000}" --lobo-pairs "${LOBO_PAIRS:-200}")
+if [[ ${AUTOATTACK:-0} == 1 ]]; then hkr_audit+=(--autoattack); fi
+# alpha:min_margin tried per training eps; min_margin from sqrt(2) eps (the margin a 1-Lipschitz net with
+# orthogonal head rows needs for radius eps) to about 3 eps (docs in experiments/fmnist_hkr.py).
+hkr_grid() { case $1 in 0.15) echo "0.99:0.25 0.99:0.5 0.9:0.25 0.9:0.5" ;; 0.5) echo "0.99:0.75 0.99:1.5 0.9:0.75 0.9:1.5" ;; esac; }
+hkr_final() {  # eps seed [audit args...]: one final HKR run with the validated alpha / margin
+  local eps=$1 seed=$2; shift 2
+  read -r a m < <($py -c "import json,sys; c=json.load(open(sys.argv[1]))[sys.argv[2]]; print(c['alpha'], c['margin'])" "$out/hkr_choice.json" "$eps")
+  $py experiments/fmnist_hkr.py "$out/hkr-eps$eps/seed-$seed" --alpha "$a" --margin "$m" --seed "$seed" "${hkr_common[@]}" "$@"
+}
 # NO_AUDIT=1: train only; the `audit` stage audits every finished sweep in OUT afterwards.
 audit_sweep() { if [[ ${NO_AUDIT:-0} != 1 ]]; then $lm audit "$1" "${audit[@]}"; fi; }
 mkdir -p "$out"
@@ -83,10 +100,41 @@ PY
       --seeds 3 --jobs "$jobs" --out "$out/$bb-cll-eps0.5" --quiet
     audit_sweep "$out/$bb-cll-eps0.5" "${audit[@]}"
     ;;
+  hkr)
+    for eps in 0.15 0.5; do
+      for am in $(hkr_grid $eps); do
+        $py experiments/fmnist_hkr.py "$out/hkr-val/eps$eps-a${am%:*}-m${am#*:}/seed-0" --alpha "${am%:*}" --margin "${am#*:}" \
+          --seed 0 --val-fraction 0.1 "${hkr_common[@]}"
+      done
+    done
+    # As for CLL's p: the best validation CRA at the evaluation radius nearest the training eps.
+    $py - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+radius = {"0.15": "0.141177", "0.5": "0.5"}
+choice = {}
+for eps, key in radius.items():
+    runs = {d.name: json.loads((d / "seed-0" / "summary.json").read_text()) for d in sorted((out / "hkr-val").glob(f"eps{eps}-a*"))}
+    best = max(runs.values(), key=lambda s: s["certified_accuracy"][key])
+    choice[eps] = {"alpha": best["params"]["alpha"], "margin": best["params"]["margin"], "radius": key,
+                   "val_cra": {name: s["certified_accuracy"][key] for name, s in runs.items()}}
+(out / "hkr_choice.json").write_text(json.dumps(choice, indent=1))
+print(json.dumps(choice))
+PY
+    for eps in 0.15 0.5; do
+      for seed in 0 1 2; do
+        if [[ ${NO_AUDIT:-0} == 1 ]]; then hkr_final "$eps" "$seed"; else hkr_final "$eps" "$seed" "${hkr_audit[@]}"; fi
+      done
+    done
+    ;;
   audit)
     for sweep in "$out"/*/; do
       if [[ -f $sweep/sweep.json && ${sweep%/} != "$out/pval" ]]; then $lm audit "${sweep%/}" "${audit[@]}"; fi
     done
+    if [[ -f $out/hkr_choice.json ]]; then
+      for eps in 0.15 0.5; do for seed in 0 1 2; do hkr_final "$eps" "$seed" "${hkr_audit[@]}"; done; done
+    fi
     ;;
-  *) echo "unknown stage $stage (pval, cll, gloro, gloro-authors, ce, backbone, audit)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (pval, cll, gloro, gloro-authors, ce, backbone, hkr, audit)" >&2; exit 2 ;;
 esac

@@ -88,6 +88,80 @@ def fmnist(root: Path) -> None:
         print()
 
 
+def _run_cell(runs: list[Path]) -> dict | None:
+    """A sweep-style cell (mean ± std, audit totals) of finished run folders outside a sweep (HKR)."""
+    from lipmargin.sweep import aggregate, audit_summary
+
+    done = [r for r in runs if (r / "summary.json").is_file()]
+    if not done:
+        return None
+    cell = aggregate([load(r / "summary.json") for r in done])
+    audits = [load(r / "audit.json") for r in done if (r / "audit.json").is_file()]
+    if audits:
+        cell["audit"] = audit_summary(audits)
+    return cell
+
+
+def _sweep_cells(path: Path) -> list[dict]:
+    return load(path / "results.json")["cells"] if (path / "results.json").is_file() else []
+
+
+def fmnist_converged(root: Path) -> None:
+    """Issue 19's Fashion-MNIST comparison: every loss at one budget, CLL's p and HKR's alpha /
+    margin chosen on a held-out split, 3 seeds, and CLL minus the best baseline at each eps."""
+    budget = load(root / "budget.json")
+    choice = load(root / "p_choice.json")
+    rows = []
+    for c in _sweep_cells(root / "pval"):
+        eps, p = c["params"]["loss.eps"], c["params"]["loss.p"]
+        key = choice[str(eps)]["radius"]
+        rows.append(["CLL", str(eps), f"p {p}", pm(c["clean_accuracy"]), pm(c["certified_accuracy"][key]),
+                     f"{c['lipschitz']['mean']:.1f}", "**chosen**" if choice[str(eps)]["p"] == p else ""])
+    hkr_choice = load(root / "hkr_choice.json") if (root / "hkr_choice.json").is_file() else {}
+    for run in sorted((root / "hkr-val").glob("eps*/seed-0")):
+        s = load(run / "summary.json")
+        eps = run.parent.name.split("-")[0][3:]
+        key = {"0.15": "0.141177", "0.5": "0.5"}[eps]
+        a, m = s["params"]["alpha"], s["params"]["margin"]
+        chosen = hkr_choice.get(eps, {})
+        rows.append(["HKR", eps, f"alpha {a}, margin {m}", f"{s['clean_accuracy'] * 100:.1f}", f"{s['certified_accuracy'][key] * 100:.1f}",
+                     f"{s['lipschitz']:.2f}", "**chosen**" if (chosen.get("alpha"), chosen.get("margin")) == (a, m) else ""])
+    print(f"### Validation runs ({budget['val_text']}; 1 seed; CRA at the radius nearest the training eps)\n")
+    print(table(["loss", "train eps", "setting", "val clean %", "val CRA %", "K (sound)", ""], rows))
+    print()
+    gloro = {c["params"]["loss.eps"]: c for c in _sweep_cells(root / "gloro")}
+    authors = {c["params"]["loss.eps"]: c for c in _sweep_cells(root / "gloro-authors")}
+    ce = _sweep_cells(root / "ce")
+    for eps, key in ((0.15, "0.141177"), (0.5, "0.5")):
+        entries: list[tuple[str, str, dict | None, bool]] = []  # name, setting, cell, is a baseline
+        cll = _sweep_cells(root / f"cll-eps{eps}")
+        entries.append(("CLL", f"p {choice[str(eps)]['p']}", cll[0] if cll else None, False))
+        entries.append(("GloRo", "annealed eps; lipmargin's gradients", gloro.get(eps), True))
+        entries.append(("GloRo", "annealed eps; authors' gradients", authors.get(eps), True))
+        hkr = _run_cell(sorted((root / f"hkr-eps{eps}").glob("seed-*")))
+        hc = hkr_choice.get(str(eps), {})
+        entries.append(("HKR (deel-torchlip)", f"alpha {hc.get('alpha')}, margin {hc.get('margin')}; tutorial net", hkr, True))
+        entries.append(("CE + λK²", "λ 1e-3, no eps", ce[0] if ce else None, True))
+        for sweep in sorted(root.glob(f"*-cll-eps{eps}")):
+            if not sweep.name.startswith("cll-") and _sweep_cells(sweep):
+                entries.append((f"CLL on {sweep.name.split('-cll-eps')[0]}", f"p {choice[str(eps)]['p']}", _sweep_cells(sweep)[0], False))
+        rows = []
+        for name, setting, c, _ in entries:
+            if c is None:
+                rows.append([name, setting, "not run yet"] + [""] * (len(RADII) + 3))
+                continue
+            rows.append([name, setting, pm(c["clean_accuracy"])] + [pm(c["certified_accuracy"][r]) for r in RADII]
+                        + [f"{c['lipschitz']['mean']:.3g} ± {c['lipschitz']['std']:.2g}", f"{c['n']}", audit_text(c)])
+        baselines = [(name, setting, c) for name, setting, c, base in entries if base and c is not None]
+        if entries[0][2] is not None and baselines:
+            name, setting, best = max(baselines, key=lambda e: e[2]["certified_accuracy"][key]["mean"])
+            rows.append(_diff_row(f"**CLL − best baseline** ({name}, {setting.split(';')[0]})", entries[0][2], best)[:1]
+                        + [""] + _diff_row("", entries[0][2], best)[1:] + ["", "", ""])
+        print(f"### Trained at eps {eps} ({budget['final_text']}; mean ± std over seeds)\n")
+        print(table(["loss", "setting", "clean %"] + [f"CRA@{r} %" for r in RADII_LABEL] + ["K (sound)", "seeds", "audit violations"], rows))
+        print()
+
+
 def moons(root: Path) -> None:
     paper_k = {0.75: 3.4, 0.25: 13.0, 0.01: 35.3, 0.0001: 66.0}
     paper_cra = {0.75: 90.2, 0.25: 98.8, 0.01: 99.7, 0.0001: 99.9}
@@ -197,6 +271,8 @@ def peer(root: Path) -> None:
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results")
     fmnist(root / "fmnist")
+    if (root / "fmnist-25ep" / "budget.json").is_file():
+        fmnist_converged(root / "fmnist-25ep")
     if (root / "moons-slack-authors" / "results.json").is_file():
         moons_authors(root / "moons-slack-authors")
     moons(root / "moons-slack")
