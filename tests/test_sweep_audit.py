@@ -69,6 +69,32 @@ def test_sweep_tables_resume_and_spec_guard(tmp_path) -> None:
     assert run_sweep(_moons_base(), grid, 2, out) == results  # the refused call changed nothing
 
 
+def test_a_sweep_can_be_extended_by_values_and_seeds(tmp_path) -> None:
+    out = tmp_path / "s"
+    first = run_sweep(_moons_base(), {"loss.p": [0.75]}, 1, out)
+    old_run = out / first["cells"][0]["runs"][0]
+    stamp = (old_run / "summary.json").stat().st_mtime_ns
+    events: list[dict] = []
+    results = run_sweep(_moons_base(), {"loss.p": [0.75, 0.01]}, 2, out, on_event=events.append)
+    assert [e["event"] for e in events if e["event"] in ("extended", "moved")] == ["extended"]
+    trained = sorted(e["run_dir"] for e in events if e["event"] == "run" and e["status"] == "start")
+    assert trained == sorted(str(out / "cells" / c / f"seed-{s}") for c, s in
+                             (("loss.p=0.75", 1), ("loss.p=0.01", 0), ("loss.p=0.01", 1)))
+    assert (old_run / "summary.json").stat().st_mtime_ns == stamp  # reused, not retrained
+    assert [c["params"] for c in results["cells"]] == [{"loss.p": 0.75}, {"loss.p": 0.01}]
+    assert [c["n"] for c in results["cells"]] == [2, 2]
+    assert json.loads((out / "sweep.json").read_text())["grid"] == {"loss.p": [0.75, 0.01]}
+    # Dropping a value, changing the base or a key is still another sweep.
+    with pytest.raises(RunExistsError, match="different sweep"):
+        run_sweep(_moons_base(), {"loss.p": [0.01]}, 2, out)
+    other = _moons_base()
+    other["loss"]["eps"] = 0.3
+    with pytest.raises(RunExistsError, match="different sweep"):
+        run_sweep(other, {"loss.p": [0.75, 0.01]}, 2, out)
+    with pytest.raises(RunExistsError, match="different sweep"):
+        run_sweep(_moons_base(), {"loss.eps": [0.15]}, 2, out)
+
+
 @pytest.fixture(scope="module")
 def moons_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("audit") / "run"

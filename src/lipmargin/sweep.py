@@ -33,7 +33,7 @@ from lipmargin.checkpoint import latest_checkpoint
 from lipmargin.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict
 from lipmargin.train import RunExistsError, eps_key, fit, move_aside, run_files, same_run_config
 
-__all__ = ["parse_grid", "expand_grid", "cell_name", "run_sweep", "write_results", "audit_summary", "aggregate", "mean_std", "SweepError"]
+__all__ = ["parse_grid", "expand_grid", "cell_name", "run_sweep", "extends_sweep", "write_results", "audit_summary", "aggregate", "mean_std", "SweepError"]
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
@@ -147,7 +147,12 @@ def run_sweep(
             previous["base"] = config_to_dict(config_from_dict(previous["base"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             previous = None
-        if previous != json.loads(json.dumps(spec)):
+        current = json.loads(json.dumps(spec))
+        if previous != current and previous is not None and extends_sweep(previous, current):
+            # More values or seeds for the same base and keys: the finished cells are reused (each
+            # is still checked against its config below), the new ones are trained.
+            emit({"event": "extended", "run_dir": str(out)})
+        elif previous != current:
             if not overwrite:
                 raise RunExistsError(f"{out} holds a different sweep (see {spec_path})", out, ["sweep.json"])
             emit({"event": "moved", "run_dir": str(out), "moved_to": str(move_aside(out))})
@@ -192,6 +197,28 @@ def run_sweep(
     else:
         _run_parallel(todo, jobs, emit)
     return write_results(out)
+
+
+def extends_sweep(previous: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether the sweep spec ``current`` only adds grid values or seeds to ``previous``: the same
+    base config and grid keys, and every earlier value and seed still in it.
+
+    >>> old = {"base": {"a": 1}, "grid": {"loss.p": [0.3, 0.03]}, "seeds": [0]}
+    >>> extends_sweep(old, {"base": {"a": 1}, "grid": {"loss.p": [0.3, 0.03, 0.003]}, "seeds": [0, 1]})
+    True
+    >>> extends_sweep(old, {"base": {"a": 1}, "grid": {"loss.p": [0.3]}, "seeds": [0]})
+    False
+    >>> extends_sweep(old, {"base": {"a": 2}, "grid": {"loss.p": [0.3, 0.03]}, "seeds": [0]})
+    False
+    """
+    grid_old, grid_new = previous.get("grid"), current.get("grid")
+    if previous.get("base") != current.get("base") or not isinstance(grid_old, dict) or not isinstance(grid_new, dict):
+        return False
+    if list(grid_old) != list(grid_new):  # the same keys in the same order: the same cell names
+        return False
+    if any(v not in grid_new[k] for k, values in grid_old.items() for v in values):
+        return False
+    return all(s in current.get("seeds", []) for s in previous.get("seeds", []))
 
 
 def write_results(out_dir: str | Path) -> dict[str, Any]:

@@ -44,6 +44,9 @@ def _sweep(args: argparse.Namespace) -> int:
         if kind == "moved":  # said even with --quiet
             display.clear()
             print(f"lipmargin: moved {event['run_dir']} to {event['moved_to']}", file=sys.stderr, flush=True)
+        elif kind == "extended":  # said even with --quiet
+            display.clear()
+            print(f"lipmargin: {event['run_dir']}: extending the sweep (finished runs are kept)", file=sys.stderr, flush=True)
         elif kind == "run":
             display.line(f"[{event['index']}/{event['total']}] {event['status']:<6} {event['run_dir']}")
         elif kind == "group":  # a batched group: members, epoch
