@@ -13,7 +13,8 @@ digits, 0.5, 1.0).  Optionally ``lipmargin audit`` attacks the certificates.
 
     python experiments/fmnist_hkr.py OUT_RUN_DIR --alpha 0.99 --margin 0.25 --seed 0 --epochs 30 \\
         --milestones 20,27 --batch-size 128 [--train-size N] [--val-fraction F] [--lr 1e-3] \\
-        [--width-mult W] [--audit-n 1000 --autoattack --lobo-pairs 500] [--device auto] [--threads 1]
+        [--width-mult W] [--audit-n 1000 --autoattack --lobo-pairs 500 --audit-eps 0.1411765,0.5] \\
+        [--device auto] [--threads 1]
 
 OUT_RUN_DIR receives ``command.txt``, ``metrics.jsonl`` (one line per epoch), ``model.safetensors``
 (the converted network, loadable with ``--model experiments/fmnist_hkr_model.py:hkr_w<W>``),
@@ -120,6 +121,13 @@ def _float(text: str) -> float:
     return v
 
 
+def _radii(text: str) -> list[float]:
+    values = [_float(item) for item in text.split(",") if item.strip()]
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"radii must be a comma-separated list of numbers > 0; got {text!r}")
+    return values
+
+
 def _milestones(text: str) -> list[int]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     try:
@@ -152,6 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--audit-n", type=_positive_int, default=None)
     a.add_argument("--autoattack", action="store_true")
     a.add_argument("--lobo-pairs", type=_positive_int, default=None, help="LOBO pairs (default 500)")
+    a.add_argument("--audit-eps", type=_radii, default=None, help="comma-separated radii attacked (default: the preset's eval.eps)")
     args = p.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1] (deel-torchlip's HKR weight of the hinge); got {args.alpha}")
@@ -161,8 +170,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--lr must be > 0; got {args.lr}")
     if not 0.0 <= args.val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be in [0, 1); got {args.val_fraction}")
-    if args.audit_n is None and (args.autoattack or args.lobo_pairs is not None):
-        raise UsageError("--autoattack / --lobo-pairs only apply with --audit-n N")
+    if args.audit_n is None and (args.autoattack or args.lobo_pairs is not None or args.audit_eps is not None):
+        raise UsageError("--autoattack / --lobo-pairs / --audit-eps only apply with --audit-n N")
     if args.lobo_pairs is None:
         args.lobo_pairs = 500
     return args
@@ -355,7 +364,7 @@ def run_audit(args: argparse.Namespace, out: Path, summary: dict[str, Any]) -> d
     if not weights.is_file() or sha256(weights) != summary.get("weights", {}).get("sha256"):
         raise UsageError(f"{weights} is missing or is not the model summary.json describes; remove {out} and rerun")
     cfg, _ = lipmargin_config(args)
-    eps = [float(e) for e in cfg.eval.eps]
+    eps = list(args.audit_eps) if args.audit_eps is not None else [float(e) for e in cfg.eval.eps]
     settings = audit_settings(args, eps, summary["weights"]["sha256"])
     previous = read_json(out / "audit.json")
     if previous is not None and previous.get("runner", {}).get("settings") == settings:

@@ -20,7 +20,8 @@
 # JOBS (2: runs trained at once), LIPMARGIN (lipmargin), BACKBONE (aol-s; its preset fmnist-BACKBONE-cll
 # must exist), PYTHON (python3: the one with lipmargin and deel-torchlip, for the hkr stage),
 # AUDIT_N (1000: test images audited per run), AUTOATTACK (0; 1: the audits also run
-# APGD-CE / APGD-T through torchattacks), LOBO_PAIRS (200).
+# APGD-CE / APGD-T through torchattacks), AUDIT_EPS (the radii attacked, comma-separated; default every
+# evaluation radius; each sample's own certified radius is always attacked too), LOBO_PAIRS (200).
 # Every stage can be stopped and started again: a sweep continues where it stopped, and an audit
 # already written for a run (audit.json) is not redone.
 set -euo pipefail
@@ -34,12 +35,14 @@ if [[ -n ${TRAIN_SIZE:-} ]]; then common+=(--set data.train_size="$TRAIN_SIZE");
 chosen_p() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]['p'])" "$out/p_choice.json" "$1"; }
 audit=(--n "${AUDIT_N:-1000}" --pgd-steps 20 --pgd-restarts 2 --lobo-pairs "${LOBO_PAIRS:-200}" --lobo-steps 100)
 if [[ ${AUTOATTACK:-0} == 1 ]]; then audit+=(--autoattack); fi
+if [[ -n ${AUDIT_EPS:-} ]]; then audit+=(--eps "$AUDIT_EPS"); fi
 # HKR runs: the runner takes the same budget; its audits are the same attacks (experiments/fmnist_hkr.py).
 py=${PYTHON:-python3}
 hkr_common=(--epochs "$epochs" --milestones "$(tr -d '[] ' <<< "$milestones")" --batch-size "${BATCH:-256}" --threads 1)
 if [[ -n ${TRAIN_SIZE:-} ]]; then hkr_common+=(--train-size "$TRAIN_SIZE"); fi
 hkr_audit=(--audit-n "${AUDIT_N:-1000}" --lobo-pairs "${LOBO_PAIRS:-200}")
 if [[ ${AUTOATTACK:-0} == 1 ]]; then hkr_audit+=(--autoattack); fi
+if [[ -n ${AUDIT_EPS:-} ]]; then hkr_audit+=(--audit-eps "$AUDIT_EPS"); fi
 # alpha:min_margin tried per training eps; min_margin from sqrt(2) eps (the margin a 1-Lipschitz net with
 # orthogonal head rows needs for radius eps) to about 3 eps (docs in experiments/fmnist_hkr.py).
 hkr_grid() { case $1 in 0.15) echo "0.99:0.25 0.99:0.5 0.9:0.25 0.9:0.5" ;; 0.5) echo "0.99:0.75 0.99:1.5 0.9:0.75 0.9:1.5" ;; esac; }

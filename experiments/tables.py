@@ -103,7 +103,19 @@ def _run_cell(runs: list[Path]) -> dict | None:
 
 
 def _sweep_cells(path: Path) -> list[dict]:
-    return load(path / "results.json")["cells"] if (path / "results.json").is_file() else []
+    """The cells of a sweep folder over the runs finished so far (a cell without one is left out);
+    ``n`` says how many seeds each has."""
+    from lipmargin.sweep import cell_name, expand_grid
+
+    if not (path / "sweep.json").is_file():
+        return []
+    spec = load(path / "sweep.json")
+    cells = []
+    for params in expand_grid(spec["grid"]):
+        cell = _run_cell([path / "cells" / cell_name(params) / f"seed-{s}" for s in spec["seeds"]])
+        if cell is not None:
+            cells.append({"params": params, **cell})
+    return cells
 
 
 def fmnist_converged(root: Path) -> None:
@@ -115,10 +127,10 @@ def fmnist_converged(root: Path) -> None:
     for c in _sweep_cells(root / "pval"):
         eps, p = c["params"]["loss.eps"], c["params"]["loss.p"]
         key = choice[str(eps)]["radius"]
-        rows.append(["CLL", str(eps), f"p {p}", pm(c["clean_accuracy"]), pm(c["certified_accuracy"][key]),
+        rows.append(["CLL", str(eps), f"p {p}", f"{c['clean_accuracy']['mean'] * 100:.1f}", f"{c['certified_accuracy'][key]['mean'] * 100:.1f}",
                      f"{c['lipschitz']['mean']:.1f}", "**chosen**" if choice[str(eps)]["p"] == p else ""])
     hkr_choice = load(root / "hkr_choice.json") if (root / "hkr_choice.json").is_file() else {}
-    for run in sorted((root / "hkr-val").glob("eps*/seed-0")):
+    for run in sorted(r for r in (root / "hkr-val").glob("eps*/seed-0") if (r / "summary.json").is_file()):
         s = load(run / "summary.json")
         eps = run.parent.name.split("-")[0][3:]
         key = {"0.15": "0.141177", "0.5": "0.5"}[eps]
