@@ -149,6 +149,27 @@ def test_yaml_file_on_top_of_preset_then_overrides(tmp_path: Path) -> None:
     assert cfg.train.epochs == 9  # the override wins
 
 
+def test_exponent_floats_are_numbers_everywhere(tmp_path: Path) -> None:
+    """PyYAML reads ``3e-05`` (how Python prints 0.00003) as text; lipmargin reads it as a number in
+    overrides, config files and sweep grids, and a sweep's own override strings round-trip."""
+    from lipmargin.sweep import _override_strings, parse_grid
+
+    assert _load("loss.p=3e-05").loss.p == 3e-05
+    assert _load("loss.p=1E-4", "train.epochs=7").loss.p == 1e-4
+    path = tmp_path / "run.yaml"
+    path.write_text("loss: {p: 1e-5, lipschitz_penalty: 2.5e-3}\n")
+    cfg = load_config(path, preset="moons-cll")
+    assert (cfg.loss.p, cfg.loss.lipschitz_penalty) == (1e-5, 2.5e-3)
+    grid = parse_grid(["loss.p=0.03,0.00003,3e-6"])
+    assert grid == {"loss.p": [0.03, 3e-05, 3e-06]}
+    for value in grid["loss.p"]:
+        assert _load(*_override_strings({"loss.p": value})).loss.p == value
+    # Text that only looks numeric stays text, and a string field still refuses a number.
+    assert _load("model.name=mlp").model.name == "mlp"
+    with pytest.raises(ConfigError, match="model.name"):
+        _load("model.name=1e5")
+
+
 def test_yaml_file_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss: {eps: [unclosed\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -168,10 +169,28 @@ def _show(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``1e-5`` / ``3E+2`` as numbers.  PyYAML follows YAML 1.1,
+    whose floats need a dot, so ``loss.p=3e-05`` (as Python prints 0.00003) would be a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2's exponent floats (every config text lipmargin reads).
+
+    >>> load_yaml("p: 3e-05")["p"], load_yaml("1E+2"), load_yaml("1.5e3"), load_yaml("e5"), load_yaml("36/255")
+    (3e-05, 100.0, 1500.0, 'e5', '36/255')
+    """
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def _yaml_item(text: str) -> Any:
     """One list item written as text (``"36/255"`` stays text); unparsable text stays text."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except (yaml.YAMLError, ValueError, RecursionError):
         return text
 
@@ -344,7 +363,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "invalid YAML"
         raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
@@ -374,7 +393,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int over 4300 digits
         value = raw
     return path, value

@@ -26,11 +26,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from lipmargin._io import atomic_write_text
 from lipmargin.checkpoint import latest_checkpoint
-from lipmargin.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict
+from lipmargin.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, load_yaml
 from lipmargin.train import RunExistsError, eps_key, fit, move_aside, run_files, same_run_config
 
 __all__ = ["parse_grid", "expand_grid", "cell_name", "run_sweep", "extends_sweep", "write_results", "audit_summary", "aggregate", "mean_std", "SweepError"]
@@ -48,7 +47,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"--grid {item!r} must look like section.key=v1,v2 (e.g. loss.p=0.01,0.3)")
         key, raw = item.split("=", 1)
         key = key.strip()
-        values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
+        values = [load_yaml(v) for v in raw.split(",") if v.strip()]
         if not key or not values:
             raise ConfigError(f"--grid {item!r} needs a key and at least one value")
         if key in grid:

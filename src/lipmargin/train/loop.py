@@ -22,7 +22,7 @@ from lipmargin.checkpoint import (
     set_torch_rng_state,
     torch_rng_state,
 )
-from lipmargin.config import RunConfig, config_from_dict, config_to_dict
+from lipmargin.config import RunConfig, config_from_dict, config_to_dict, load_yaml
 from lipmargin.data import DATASETS, DeviceLoader
 from lipmargin.losses import TRAIN_LOSSES
 from lipmargin.train.build import build_optimizer, init_model, load_run_data, rng_devices
@@ -136,7 +136,7 @@ def replaced_run_files(out: str | Path, cfg: RunConfig) -> list[str]:
 def same_run_config(run_dir: str | Path, cfg: RunConfig) -> bool:
     """Whether ``run_dir/config.yaml`` resolves to ``cfg`` (False when missing or unreadable)."""
     try:
-        saved = config_from_dict(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
+        saved = config_from_dict(load_yaml((Path(run_dir) / "config.yaml").read_text()))
         # fit writes precision and layout resolved for the device ("auto" -> fp32, ...): compare
         # both configs as fit would have resolved them.
         device = resolve_device(cfg.train.device)
