@@ -93,6 +93,11 @@ def test_a_sweep_can_be_extended_by_values_and_seeds(tmp_path) -> None:
         run_sweep(other, {"loss.p": [0.75, 0.01]}, 2, out)
     with pytest.raises(RunExistsError, match="different sweep"):
         run_sweep(_moons_base(), {"loss.eps": [0.15]}, 2, out)
+    # An extension with a value the config refuses changes nothing: the sweep stays what it was.
+    spec = (out / "sweep.json").read_text()
+    with pytest.raises(ConfigError, match="loss.p"):
+        run_sweep(_moons_base(), {"loss.p": [0.75, 0.01, "tiny"]}, 2, out)
+    assert (out / "sweep.json").read_text() == spec
 
 
 @pytest.fixture(scope="module")

@@ -155,16 +155,16 @@ def run_sweep(
             if not overwrite:
                 raise RunExistsError(f"{out} holds a different sweep (see {spec_path})", out, ["sweep.json"])
             emit({"event": "moved", "run_dir": str(out), "moved_to": str(move_aside(out))})
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(spec_path, json.dumps(spec, indent=1))
-
-    # Build and validate every config before training anything.
+    # Build and validate every config before training anything, and before the folder records
+    # this sweep (a refused grid leaves sweep.json as it was).
     plan: list[tuple[dict[str, Any], int, RunConfig, Path]] = []
     for params in expand_grid(grid):
         for seed in seed_list:
             values = apply_overrides(config_to_dict(base_cfg), _override_strings(params) + [f"train.seed={seed}"])
             cfg = config_from_dict(values)
             plan.append((params, seed, cfg, out / "cells" / cell_name(params) / f"seed-{seed}"))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(spec_path, json.dumps(spec, indent=1))
 
     # A cell holding a run of another config (a changed lipmargin default, a hand-edited folder)
     # is neither reused nor overwritten.
