@@ -115,15 +115,16 @@ PY
           --seed 0 --val-fraction 0.1 "${hkr_common[@]}"
       done
     done
-    # As for CLL's p: the best validation CRA at the evaluation radius nearest the training eps.
+    # As for CLL's p: the best validation CRA at the evaluation radius nearest the training eps. HKR has
+    # no eps of its own, so every validation run competes for both eps (the grids only say where to look).
     $py - "$out" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 radius = {"0.15": "0.141177", "0.5": "0.5"}
 choice = {}
+runs = {d.name: json.loads((d / "seed-0" / "summary.json").read_text()) for d in sorted((out / "hkr-val").glob("eps*-a*"))}
 for eps, key in radius.items():
-    runs = {d.name: json.loads((d / "seed-0" / "summary.json").read_text()) for d in sorted((out / "hkr-val").glob(f"eps{eps}-a*"))}
     best = max(runs.values(), key=lambda s: s["certified_accuracy"][key])
     choice[eps] = {"alpha": best["params"]["alpha"], "margin": best["params"]["margin"], "radius": key,
                    "val_cra": {name: s["certified_accuracy"][key] for name, s in runs.items()}}
