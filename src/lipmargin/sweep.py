@@ -26,7 +26,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-
 from lipmargin._io import atomic_write_text
 from lipmargin.checkpoint import latest_checkpoint
 from lipmargin.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, load_yaml
@@ -147,11 +146,13 @@ def run_sweep(
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             previous = None
         current = json.loads(json.dumps(spec))
-        if previous != current and previous is not None and extends_sweep(previous, current):
+        if previous == current:
+            pass
+        elif previous is not None and extends_sweep(previous, current):
             # More values or seeds for the same base and keys: the finished cells are reused (each
             # is still checked against its config below), the new ones are trained.
             emit({"event": "extended", "run_dir": str(out)})
-        elif previous != current:
+        else:
             if not overwrite:
                 raise RunExistsError(f"{out} holds a different sweep (see {spec_path})", out, ["sweep.json"])
             emit({"event": "moved", "run_dir": str(out), "moved_to": str(move_aside(out))})
