@@ -172,8 +172,8 @@ def fmnist_converged(root: Path) -> None:
         baselines = [(name, setting, c) for name, setting, c, base in entries if base and c is not None]
         if entries[0][2] is not None and baselines:
             name, setting, best = max(baselines, key=lambda e: e[2]["certified_accuracy"][key]["mean"])
-            rows.append(_diff_row(f"**CLL − best baseline** ({name}, {setting.split(';')[0]})", entries[0][2], best)[:1]
-                        + [""] + _diff_row("", entries[0][2], best)[1:] + ["", "", ""])
+            diff = _diff_row(f"**CLL − best baseline** ({name}, {setting.split(';')[0]})", entries[0][2], best)
+            rows.append(diff[:1] + [""] + diff[1:] + ["", "", ""])
         print(f"### Trained at eps {eps} ({budget['final_text']}; mean ± std over seeds)\n")
         print(table(["loss", "setting", "clean %"] + [f"CRA@{r} %" for r in RADII_LABEL] + ["K (sound)", "seeds", "audit violations"], rows))
         print()
