@@ -12,6 +12,9 @@
 #   experiments/fmnist_main.sh OUT hkr    HKR through deel-torchlip (experiments/fmnist_hkr.py): alpha / margin
 #                                         chosen on the validation split for eps 0.15 and 0.5, then 3 seeds each
 #   experiments/fmnist_main.sh OUT audit  audit every sweep in OUT but pval (after stages run with NO_AUDIT=1)
+#   experiments/fmnist_main.sh OUT audit-runs  audit each finished final run at its own training radius
+#                                         (36/255 for eps 0.15, 0.5 for eps 0.5, both for CE) and at each
+#                                         sample's certified radius, seed 0 of every loss first (issue 19)
 #   experiments/fmnist_main.sh OUT backbone  CLL on a 1-Lipschitz backbone (BACKBONE, default aol-s) at eps 0.5
 #                                         with the 4C3F's chosen p (reads OUT/p_choice.json)
 #
@@ -25,8 +28,8 @@
 # Every stage can be stopped and started again: a sweep continues where it stopped, and an audit
 # already written for a run (audit.json) is not redone.
 set -euo pipefail
-out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone|hkr|audit}
-stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone|hkr|audit}
+out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone|hkr|audit|audit-runs}
+stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone|hkr|audit|audit-runs}
 lm=${LIPMARGIN:-lipmargin}
 epochs=${EPOCHS:-6}; milestones=${MILESTONES:-[4,5]}; jobs=${JOBS:-2}
 common=(--set train.epochs="$epochs" --set optim.milestones="$milestones" --set train.batch_size="${BATCH:-256}" --set eval.every=0)
@@ -56,6 +59,22 @@ hkr_final() {  # eps seed [audit args...]: one final HKR run with the validated 
   read -r a m < <($py -c "import json,sys; c=json.load(open(sys.argv[1]))[sys.argv[2]]; print(c['alpha'], c['margin'])" "$out/hkr_choice.json" "$eps")
   $py experiments/fmnist_hkr.py "$out/hkr-eps$eps/seed-$seed" --alpha "$a" --margin "$m" --seed "$seed" "${hkr_common[@]}" "$@"
 }
+# Whether RUN/audit.json exists with these radii and AUDIT_N / AUTOATTACK (any other audit is redone).
+audited() {
+  $py - "$1/audit.json" "$2" "${AUDIT_N:-1000}" "${AUTOATTACK:-0}" <<'PY'
+import json, sys
+path, eps, n, aa = sys.argv[1:]
+try:
+    s = json.load(open(path))["settings"]
+except (OSError, ValueError, KeyError):
+    sys.exit(1)
+got = s.get("eps", s.get("audit_eps"))
+got = ",".join(f"{float(e):g}" for e in (got.split(",") if isinstance(got, str) else got or []))
+sys.exit(0 if got == ",".join(f"{float(e):g}" for e in eps.split(",")) and int(s.get("n", s.get("audit_n", -1))) == int(n)
+         and bool(s["autoattack"]) == (aa == "1") else 1)
+PY
+}
+radius_of() { case $1 in 0.15) echo 0.1411765 ;; 0.5) echo 0.5 ;; esac; }  # 36/255 is the paper's radius
 # NO_AUDIT=1: train only; the `audit` stage audits every finished sweep in OUT afterwards.
 audit_sweep() { if [[ ${NO_AUDIT:-0} != 1 ]]; then $lm audit "$1" "${audit[@]}"; fi; }
 mkdir -p "$out"
@@ -145,5 +164,22 @@ PY
       for eps in 0.15 0.5; do for seed in 0 1 2; do hkr_final "$eps" "$seed" "${hkr_audit[@]}"; done; done
     fi
     ;;
-  *) echo "unknown stage $stage (pval, cll, gloro, gloro-authors, ce, backbone, hkr, audit)" >&2; exit 2 ;;
+  audit-runs)
+    base=("${audit[@]}")
+    if [[ -n ${AUDIT_EPS:-} ]]; then echo "audit-runs picks each run's radius; unset AUDIT_EPS" >&2; exit 2; fi
+    bb=${BACKBONE:-aol-s}
+    for seed in 0 1 2; do
+      for eps in 0.15 0.5; do
+        r=$(radius_of "$eps")
+        for run in "$out/cll-eps$eps/cells/base/seed-$seed" "$out/gloro/cells/loss.eps=$eps/seed-$seed" \
+                   "$out/gloro-authors/cells/loss.eps=$eps/seed-$seed" "$out/$bb-cll-eps$eps/cells/base/seed-$seed"; do
+          if [[ -f $run/summary.json ]] && ! audited "$run" "$r"; then $lm audit "$run" "${base[@]}" --eps "$r" || true; fi
+        done
+        if [[ -f $out/hkr-eps$eps/seed-$seed/summary.json ]]; then hkr_final "$eps" "$seed" "${hkr_audit[@]}" --audit-eps "$r" || true; fi
+      done
+      run=$out/ce/cells/base/seed-$seed
+      if [[ -f $run/summary.json ]] && ! audited "$run" 0.1411765,0.5; then $lm audit "$run" "${base[@]}" --eps 0.1411765,0.5 || true; fi
+    done
+    ;;
+  *) echo "unknown stage $stage (pval, cll, gloro, gloro-authors, ce, backbone, hkr, audit, audit-runs)" >&2; exit 2 ;;
 esac
