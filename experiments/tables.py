@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import statistics
 from pathlib import Path
 
 from lipmargin.losses import cll_sigma
@@ -150,26 +151,29 @@ def fmnist_converged(root: Path) -> None:
     authors = {c["params"]["loss.eps"]: c for c in _sweep_cells(root / "gloro-authors")}
     ce = _sweep_cells(root / "ce")
     for eps, key in ((0.15, "0.141177"), (0.5, "0.5")):
-        entries: list[tuple[str, str, dict | None, bool]] = []  # name, setting, cell, is a baseline
+        # name, setting, cell, is a baseline, the folder holding its seed-N runs
+        entries: list[tuple[str, str, dict | None, bool, str]] = []
         cll = _sweep_cells(root / f"cll-eps{eps}")
-        entries.append(("CLL", f"p {choice[str(eps)]['p']}", cll[0] if cll else None, False))
-        entries.append(("GloRo", "annealed eps; lipmargin's gradients", gloro.get(eps), True))
-        entries.append(("GloRo", "annealed eps; authors' gradients", authors.get(eps), True))
+        entries.append(("CLL", f"p {choice[str(eps)]['p']}", cll[0] if cll else None, False, f"cll-eps{eps}/cells/base"))
+        entries.append(("GloRo", "annealed eps; lipmargin's gradients", gloro.get(eps), True, f"gloro/cells/loss.eps={eps}"))
+        entries.append(("GloRo", "annealed eps; authors' gradients", authors.get(eps), True, f"gloro-authors/cells/loss.eps={eps}"))
         hkr = _run_cell(sorted((root / f"hkr-eps{eps}").glob("seed-*")))
         hc = hkr_choice.get(str(eps), {})
-        entries.append(("HKR (deel-torchlip)", f"alpha {hc.get('alpha')}, margin {hc.get('margin')}; tutorial net", hkr, True))
-        entries.append(("CE + λK²", "λ 1e-3, no eps", ce[0] if ce else None, True))
+        entries.append(("HKR (deel-torchlip)", f"alpha {hc.get('alpha')}, margin {hc.get('margin')}; tutorial net", hkr, True,
+                        f"hkr-eps{eps}"))
+        entries.append(("CE + λK²", "λ 1e-3, no eps", ce[0] if ce else None, True, "ce/cells/base"))
         for sweep in sorted(root.glob(f"*-cll-eps{eps}")):
             if not sweep.name.startswith("cll-") and _sweep_cells(sweep):
-                entries.append((f"CLL on {sweep.name.split('-cll-eps')[0]}", f"p {choice[str(eps)]['p']}", _sweep_cells(sweep)[0], False))
+                entries.append((f"CLL on {sweep.name.split('-cll-eps')[0]}", f"p {choice[str(eps)]['p']}", _sweep_cells(sweep)[0], False,
+                                f"{sweep.name}/cells/base"))
         rows = []
-        for name, setting, c, _ in entries:
+        for name, setting, c, _, _ in entries:
             if c is None:
                 rows.append([name, setting, "not run yet"] + [""] * (len(RADII) + 3))
                 continue
             rows.append([name, setting, pm(c["clean_accuracy"])] + [pm(c["certified_accuracy"][r]) for r in RADII]
                         + [f"{c['lipschitz']['mean']:.3g} ± {c['lipschitz']['std']:.2g}", f"{c['n']}", audit_text(c)])
-        baselines = [(name, setting, c) for name, setting, c, base in entries if base and c is not None]
+        baselines = [(name, setting, c) for name, setting, c, base, _ in entries if base and c is not None]
         if entries[0][2] is not None and baselines:
             name, setting, best = max(baselines, key=lambda e: e[2]["certified_accuracy"][key]["mean"])
             diff = _diff_row(f"**CLL − best baseline** ({name}, {setting.split(';')[0]})", entries[0][2], best)
@@ -177,6 +181,38 @@ def fmnist_converged(root: Path) -> None:
         print(f"### Trained at eps {eps} ({budget['final_text']}; mean ± std over seeds)\n")
         print(table(["loss", "setting", "clean %"] + [f"CRA@{r} %" for r in RADII_LABEL] + ["K (sound)", "seeds", "audit violations"], rows))
         print()
+        rows = []
+        for name, setting, _, _, folder in entries:
+            row = _audit_row(root / folder, float(key))
+            if row:
+                rows.append([name, setting.split("; ")[-1]] + row)
+        if rows:
+            print(f"### Audit of the eps-{eps} finals (`lipmargin audit` at {key}: PGD-L2 + AutoAttack's APGD-CE / APGD-T, "
+                  "and every certified image at its own radius; LOBO for K from below)\n")
+            print(table(["loss", "setting", "runs audited", "images per run", "CRA on them %", "robust under attack %",
+                         "attack − certified (points)", "violations", "LOBO lower / K (max)"], rows))
+            print()
+
+
+def _audit_row(cell: Path, radius: float) -> list[str] | None:
+    """The audits at ``radius`` of the finished runs under ``cell`` (seed-N folders): certified and
+    attacked accuracy on the audited images, their gap, the violations and the worst LOBO tightness."""
+    audits = []
+    for run in sorted(cell.glob("seed-*")):
+        if run.name[5:].isdigit() and (run / "audit.json").is_file():
+            a = load(run / "audit.json")
+            labels = [k for k in a["certified_accuracy"] if abs(float(k) - radius) < 5e-6]
+            if labels:
+                audits.append((a, labels[0]))
+    if not audits:
+        return None
+    cert = [a["certified_accuracy"][k] * 100 for a, k in audits]
+    robust = [a["empirical_robust_accuracy"][k] * 100 for a, k in audits]
+    gap = [r - c for r, c in zip(robust, cert)]
+    ms = lambda v: f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}"  # noqa: E731
+    attacks = sorted({x for a, _ in audits for x in a["attacks"]})
+    return [f"{len(audits)} ({', '.join(attacks)})", f"{min(a['num_samples'] for a, _ in audits)}", ms(cert), ms(robust), ms(gap),
+            f"{sum(int(a['violations']) for a, _ in audits)}", f"{max(float(a['tightness']) for a, _ in audits):.2f}"]
 
 
 def moons(root: Path) -> None:
