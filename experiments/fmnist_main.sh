@@ -59,14 +59,20 @@ hkr_final() {  # eps seed [audit args...]: one final HKR run with the validated 
   read -r a m < <($py -c "import json,sys; c=json.load(open(sys.argv[1]))[sys.argv[2]]; print(c['alpha'], c['margin'])" "$out/hkr_choice.json" "$eps")
   $py experiments/fmnist_hkr.py "$out/hkr-eps$eps/seed-$seed" --alpha "$a" --margin "$m" --seed "$seed" "${hkr_common[@]}" "$@"
 }
-# Whether RUN/audit.json exists with these radii and AUDIT_N / AUTOATTACK (any other audit is redone).
+# Whether RUN/audit.json exists with these radii and AUDIT_N / AUTOATTACK, for the run's newest
+# checkpoint (same file, same sha256); any other audit is redone.
 audited() {
-  $py - "$1/audit.json" "$2" "${AUDIT_N:-1000}" "${AUTOATTACK:-0}" <<'PY'
-import json, sys
-path, eps, n, aa = sys.argv[1:]
+  $py - "$1" "$2" "${AUDIT_N:-1000}" "${AUTOATTACK:-0}" <<'PY'
+import hashlib, json, sys
+from pathlib import Path
+run, eps, n, aa = sys.argv[1:]
 try:
-    s = json.load(open(path))["settings"]
-except (OSError, ValueError, KeyError):
+    audit = json.loads((Path(run) / "audit.json").read_text())
+    s, ck = audit["settings"], audit["checkpoint"]
+    newest = max((Path(run) / "checkpoints").glob("epoch-*.safetensors"))
+    if Path(run) / ck["path"] != newest or hashlib.sha256(newest.read_bytes()).hexdigest() != ck["sha256"]:
+        sys.exit(1)
+except (OSError, ValueError, KeyError, TypeError):
     sys.exit(1)
 got = s.get("eps", s.get("audit_eps"))
 got = ",".join(f"{float(e):g}" for e in (got.split(",") if isinstance(got, str) else got or []))
@@ -165,7 +171,8 @@ PY
     fi
     ;;
   audit-runs)
-    base=("${audit[@]}")
+    # A failed audit (a violation: exit 1; anything else) does not stop the others; the stage exits 1 after.
+    base=("${audit[@]}"); failed=0
     if [[ -n ${AUDIT_EPS:-} ]]; then echo "audit-runs picks each run's radius; unset AUDIT_EPS" >&2; exit 2; fi
     bb=${BACKBONE:-aol-s}
     for seed in 0 1 2; do
@@ -173,13 +180,14 @@ PY
         r=$(radius_of "$eps")
         for run in "$out/cll-eps$eps/cells/base/seed-$seed" "$out/gloro/cells/loss.eps=$eps/seed-$seed" \
                    "$out/gloro-authors/cells/loss.eps=$eps/seed-$seed" "$out/$bb-cll-eps$eps/cells/base/seed-$seed"; do
-          if [[ -f $run/summary.json ]] && ! audited "$run" "$r"; then $lm audit "$run" "${base[@]}" --eps "$r" || true; fi
+          if [[ -f $run/summary.json ]] && ! audited "$run" "$r"; then $lm audit "$run" "${base[@]}" --eps "$r" || failed=1; fi
         done
-        if [[ -f $out/hkr-eps$eps/seed-$seed/summary.json ]]; then hkr_final "$eps" "$seed" "${hkr_audit[@]}" --audit-eps "$r" || true; fi
+        if [[ -f $out/hkr-eps$eps/seed-$seed/summary.json ]]; then hkr_final "$eps" "$seed" "${hkr_audit[@]}" --audit-eps "$r" || failed=1; fi
       done
       run=$out/ce/cells/base/seed-$seed
-      if [[ -f $run/summary.json ]] && ! audited "$run" 0.1411765,0.5; then $lm audit "$run" "${base[@]}" --eps 0.1411765,0.5 || true; fi
+      if [[ -f $run/summary.json ]] && ! audited "$run" 0.1411765,0.5; then $lm audit "$run" "${base[@]}" --eps 0.1411765,0.5 || failed=1; fi
     done
+    exit "$failed"
     ;;
   *) echo "unknown stage $stage (pval, cll, gloro, gloro-authors, ce, backbone, hkr, audit, audit-runs)" >&2; exit 2 ;;
 esac
