@@ -59,20 +59,21 @@ hkr_final() {  # eps seed [audit args...]: one final HKR run with the validated 
   read -r a m < <($py -c "import json,sys; c=json.load(open(sys.argv[1]))[sys.argv[2]]; print(c['alpha'], c['margin'])" "$out/hkr_choice.json" "$eps")
   $py experiments/fmnist_hkr.py "$out/hkr-eps$eps/seed-$seed" --alpha "$a" --margin "$m" --seed "$seed" "${hkr_common[@]}" "$@"
 }
-# Whether RUN/audit.json exists with these radii and AUDIT_N / AUTOATTACK, for the run's newest
-# checkpoint (same file, same sha256); any other audit is redone.
+# Whether RUN/audit.json exists with these radii and AUDIT_N / AUTOATTACK, for the checkpoint
+# `lipmargin audit` would load now (the newest; same sha256, as the sweep audit checks); any other
+# audit is redone.
 audited() {
   $py - "$1" "$2" "${AUDIT_N:-1000}" "${AUTOATTACK:-0}" <<'PY'
-import hashlib, json, sys
+import json, sys
 from pathlib import Path
+from lipmargin.checkpoint import CheckpointError, resolve_checkpoint
 run, eps, n, aa = sys.argv[1:]
 try:
     audit = json.loads((Path(run) / "audit.json").read_text())
-    s, ck = audit["settings"], audit["checkpoint"]
-    newest = max((Path(run) / "checkpoints").glob("epoch-*.safetensors"))
-    if Path(run) / ck["path"] != newest or hashlib.sha256(newest.read_bytes()).hexdigest() != ck["sha256"]:
+    s = audit["settings"]
+    if resolve_checkpoint(Path(run) / "checkpoints").ref.sha256 != audit["checkpoint"]["sha256"]:
         sys.exit(1)
-except (OSError, ValueError, KeyError, TypeError):
+except (OSError, ValueError, KeyError, TypeError, CheckpointError):
     sys.exit(1)
 got = s.get("eps", s.get("audit_eps"))
 got = ",".join(f"{float(e):g}" for e in (got.split(",") if isinstance(got, str) else got or []))
