@@ -194,6 +194,11 @@ def fmnist_converged(root: Path) -> None:
             print()
 
 
+def _ms(values: list[float]) -> str:
+    """``mean ± sample std`` of percentages (std 0 for one value)."""
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+
 def _audit_row(cell: Path, radius: float) -> list[str] | None:
     """The audits at ``radius`` of the finished runs under ``cell`` (seed-N folders): certified and
     attacked accuracy on the audited images, their gap, the violations and the worst LOBO tightness."""
@@ -209,9 +214,8 @@ def _audit_row(cell: Path, radius: float) -> list[str] | None:
     cert = [a["certified_accuracy"][k] * 100 for a, k in audits]
     robust = [a["empirical_robust_accuracy"][k] * 100 for a, k in audits]
     gap = [r - c for r, c in zip(robust, cert)]
-    ms = lambda v: f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}"  # noqa: E731
     attacks = sorted({x for a, _ in audits for x in a["attacks"]})
-    return [f"{len(audits)} ({', '.join(attacks)})", f"{min(a['num_samples'] for a, _ in audits)}", ms(cert), ms(robust), ms(gap),
+    return [f"{len(audits)} ({', '.join(attacks)})", f"{min(a['num_samples'] for a, _ in audits)}", _ms(cert), _ms(robust), _ms(gap),
             f"{sum(int(a['violations']) for a, _ in audits)}", f"{max(float(a['tightness']) for a, _ in audits):.2f}"]
 
 
