@@ -24,7 +24,9 @@
 # must exist), PYTHON (python3: the one with lipmargin and deel-torchlip, for the hkr stage),
 # AUDIT_N (1000: test images audited per run), AUTOATTACK (0; 1: the audits also run
 # APGD-CE / APGD-T through torchattacks), AUDIT_EPS (the radii attacked, comma-separated; default every
-# evaluation radius; each sample's own certified radius is always attacked too), LOBO_PAIRS (200).
+# evaluation radius; each sample's own certified radius is always attacked too), LOBO_PAIRS (200),
+# AUDIT_ONLY (audit-runs: the losses audited, space-separated, of cll gloro gloro-authors backbone hkr ce;
+# default all).
 # Every stage can be stopped and started again: a sweep continues where it stopped, and an audit
 # already written for a run (audit.json) is not redone.
 set -euo pipefail
@@ -176,17 +178,31 @@ PY
     base=("${audit[@]}"); failed=0
     if [[ -n ${AUDIT_EPS:-} ]]; then echo "audit-runs picks each run's radius; unset AUDIT_EPS" >&2; exit 2; fi
     bb=${BACKBONE:-aol-s}
+    only=" ${AUDIT_ONLY:-cll gloro gloro-authors backbone hkr ce} "
+    for l in $only; do
+      case $l in cll|gloro|gloro-authors|backbone|hkr|ce) ;;
+        *) echo "AUDIT_ONLY: unknown loss '$l' (allowed: cll gloro gloro-authors backbone hkr ce)" >&2; exit 2 ;; esac
+    done
+    wanted() { [[ $only == *" $1 "* ]]; }
     for seed in 0 1 2; do
       for eps in 0.15 0.5; do
         r=$(radius_of "$eps")
-        for run in "$out/cll-eps$eps/cells/base/seed-$seed" "$out/gloro/cells/loss.eps=$eps/seed-$seed" \
-                   "$out/gloro-authors/cells/loss.eps=$eps/seed-$seed" "$out/$bb-cll-eps$eps/cells/base/seed-$seed"; do
-          if [[ -f $run/summary.json ]] && ! audited "$run" "$r"; then $lm audit "$run" "${base[@]}" --eps "$r" || failed=1; fi
+        for lr in "cll:$out/cll-eps$eps/cells/base/seed-$seed" "gloro:$out/gloro/cells/loss.eps=$eps/seed-$seed" \
+                  "gloro-authors:$out/gloro-authors/cells/loss.eps=$eps/seed-$seed" \
+                  "backbone:$out/$bb-cll-eps$eps/cells/base/seed-$seed"; do
+          run=${lr#*:}
+          if wanted "${lr%%:*}" && [[ -f $run/summary.json ]] && ! audited "$run" "$r"; then
+            $lm audit "$run" "${base[@]}" --eps "$r" || failed=1
+          fi
         done
-        if [[ -f $out/hkr-eps$eps/seed-$seed/summary.json ]]; then hkr_final "$eps" "$seed" "${hkr_audit[@]}" --audit-eps "$r" || failed=1; fi
+        if wanted hkr && [[ -f $out/hkr-eps$eps/seed-$seed/summary.json ]]; then
+          hkr_final "$eps" "$seed" "${hkr_audit[@]}" --audit-eps "$r" || failed=1
+        fi
       done
       run=$out/ce/cells/base/seed-$seed
-      if [[ -f $run/summary.json ]] && ! audited "$run" 0.1411765,0.5; then $lm audit "$run" "${base[@]}" --eps 0.1411765,0.5 || failed=1; fi
+      if wanted ce && [[ -f $run/summary.json ]] && ! audited "$run" 0.1411765,0.5; then
+        $lm audit "$run" "${base[@]}" --eps 0.1411765,0.5 || failed=1
+      fi
     done
     exit "$failed"
     ;;
