@@ -8,6 +8,8 @@
 #   experiments/fmnist_main.sh OUT gloro  GloRo at eps 0.15 and 0.5
 #   experiments/fmnist_main.sh OUT gloro-authors  the same with the authors' two gradient variants
 #                                         (loss.gloro_head_gradient, train.power_grad unrolled; issue 19)
+#   experiments/fmnist_main.sh OUT gloro-variants  each of those two variants alone (gloro-head: the head
+#                                         gradient; gloro-unrolled: the power-iteration gradient), SEEDS (3) seeds
 #   experiments/fmnist_main.sh OUT ce     CE + Lipschitz penalty (no training eps)
 #   experiments/fmnist_main.sh OUT hkr    HKR through deel-torchlip (experiments/fmnist_hkr.py): alpha / margin
 #                                         chosen on the validation split for eps 0.15 and 0.5, then 3 seeds each
@@ -25,13 +27,13 @@
 # AUDIT_N (1000: test images audited per run), AUTOATTACK (0; 1: the audits also run
 # APGD-CE / APGD-T through torchattacks), AUDIT_EPS (the radii attacked, comma-separated; default every
 # evaluation radius; each sample's own certified radius is always attacked too), LOBO_PAIRS (200),
-# AUDIT_ONLY (audit-runs: the losses audited, space-separated, of cll gloro gloro-authors backbone hkr ce;
-# default all).
+# AUDIT_ONLY (audit-runs: the losses audited, space-separated, of cll gloro gloro-authors gloro-variants
+# backbone hkr ce; default all).
 # Every stage can be stopped and started again: a sweep continues where it stopped, and an audit
 # already written for a run (audit.json) is not redone.
 set -euo pipefail
-out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone|hkr|audit|audit-runs}
-stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|ce|backbone|hkr|audit|audit-runs}
+out=${1:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|gloro-variants|ce|backbone|hkr|audit|audit-runs}
+stage=${2:?usage: fmnist_main.sh OUT pval|cll|gloro|gloro-authors|gloro-variants|ce|backbone|hkr|audit|audit-runs}
 lm=${LIPMARGIN:-lipmargin}
 epochs=${EPOCHS:-6}; milestones=${MILESTONES:-[4,5]}; jobs=${JOBS:-2}
 common=(--set train.epochs="$epochs" --set optim.milestones="$milestones" --set train.batch_size="${BATCH:-256}" --set eval.every=0)
@@ -125,6 +127,14 @@ PY
       --grid loss.eps=0.15,0.5 --seeds 3 --jobs "$jobs" --out "$out/gloro-authors" --quiet
     audit_sweep "$out/gloro-authors" "${audit[@]}"
     ;;
+  gloro-variants)
+    # Which of the authors' two gradient variants changes GloRo (issue 19): each alone, same budget.
+    for v in "head:loss.gloro_head_gradient=true" "unrolled:train.power_grad=unrolled"; do
+      $lm sweep --preset fmnist-4c3f-gloro "${common[@]}" --set "${v#*:}" \
+        --grid loss.eps=0.15,0.5 --seeds "${SEEDS:-3}" --jobs "$jobs" --out "$out/gloro-${v%%:*}" --quiet
+      audit_sweep "$out/gloro-${v%%:*}" "${audit[@]}"
+    done
+    ;;
   ce)
     $lm sweep --preset fmnist-4c3f-ce "${common[@]}" --seeds 3 --jobs "$jobs" --out "$out/ce" --quiet
     audit_sweep "$out/ce" "${audit[@]}"
@@ -178,10 +188,11 @@ PY
     base=("${audit[@]}"); failed=0
     if [[ -n ${AUDIT_EPS:-} ]]; then echo "audit-runs picks each run's radius; unset AUDIT_EPS" >&2; exit 2; fi
     bb=${BACKBONE:-aol-s}
-    only=" ${AUDIT_ONLY:-cll gloro gloro-authors backbone hkr ce} "
+    only=" ${AUDIT_ONLY:-cll gloro gloro-authors gloro-variants backbone hkr ce} "
     for l in $only; do
-      case $l in cll|gloro|gloro-authors|backbone|hkr|ce) ;;
-        *) echo "AUDIT_ONLY: unknown loss '$l' (allowed: cll gloro gloro-authors backbone hkr ce)" >&2; exit 2 ;; esac
+      case $l in cll|gloro|gloro-authors|gloro-variants|backbone|hkr|ce) ;;
+        *) echo "AUDIT_ONLY: unknown loss '$l' (allowed: cll gloro gloro-authors gloro-variants backbone hkr ce)" >&2; exit 2 ;;
+      esac
     done
     wanted() { [[ $only == *" $1 "* ]]; }
     for seed in 0 1 2; do
@@ -189,6 +200,8 @@ PY
         r=$(radius_of "$eps")
         for lr in "cll:$out/cll-eps$eps/cells/base/seed-$seed" "gloro:$out/gloro/cells/loss.eps=$eps/seed-$seed" \
                   "gloro-authors:$out/gloro-authors/cells/loss.eps=$eps/seed-$seed" \
+                  "gloro-variants:$out/gloro-head/cells/loss.eps=$eps/seed-$seed" \
+                  "gloro-variants:$out/gloro-unrolled/cells/loss.eps=$eps/seed-$seed" \
                   "backbone:$out/$bb-cll-eps$eps/cells/base/seed-$seed"; do
           run=${lr#*:}
           if wanted "${lr%%:*}" && [[ -f $run/summary.json ]] && ! audited "$run" "$r"; then
@@ -206,5 +219,5 @@ PY
     done
     exit "$failed"
     ;;
-  *) echo "unknown stage $stage (pval, cll, gloro, gloro-authors, ce, backbone, hkr, audit, audit-runs)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (pval, cll, gloro, gloro-authors, gloro-variants, ce, backbone, hkr, audit, audit-runs)" >&2; exit 2 ;;
 esac

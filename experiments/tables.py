@@ -149,6 +149,8 @@ def fmnist_converged(root: Path) -> None:
         print()
     gloro = {c["params"]["loss.eps"]: c for c in _sweep_cells(root / "gloro")}
     authors = {c["params"]["loss.eps"]: c for c in _sweep_cells(root / "gloro-authors")}
+    # Each of the authors' two gradient variants alone (fmnist_main.sh gloro-variants).
+    variants = {name: {c["params"]["loss.eps"]: c for c in _sweep_cells(root / f"gloro-{name}")} for name in ("head", "unrolled")}
     ce = _sweep_cells(root / "ce")
     for eps, key in ((0.15, "0.141177"), (0.5, "0.5")):
         # name, setting, cell, is a baseline, the folder holding its seed-N runs
@@ -157,6 +159,8 @@ def fmnist_converged(root: Path) -> None:
         entries.append(("CLL", f"p {choice[str(eps)]['p']}", cll[0] if cll else None, False, f"cll-eps{eps}/cells/base"))
         entries.append(("GloRo", "annealed eps; lipmargin's gradients", gloro.get(eps), True, f"gloro/cells/loss.eps={eps}"))
         entries.append(("GloRo", "annealed eps; authors' gradients", authors.get(eps), True, f"gloro-authors/cells/loss.eps={eps}"))
+        for name, text in (("head", "head gradient only"), ("unrolled", "power-iteration gradient only")):
+            entries.append(("GloRo", f"annealed eps; {text}", variants[name].get(eps), True, f"gloro-{name}/cells/loss.eps={eps}"))
         hkr = _run_cell(sorted((root / f"hkr-eps{eps}").glob("seed-*")))
         hc = hkr_choice.get(str(eps), {})
         entries.append(("HKR (deel-torchlip)", f"alpha {hc.get('alpha')}, margin {hc.get('margin')}; tutorial net", hkr, True,
