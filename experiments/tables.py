@@ -175,8 +175,11 @@ def fmnist_converged(root: Path) -> None:
             if c is None:
                 rows.append([name, setting, "not run yet"] + [""] * (len(RADII) + 3))
                 continue
-            rows.append([name, setting, pm(c["clean_accuracy"])] + [pm(c["certified_accuracy"][r]) for r in RADII]
-                        + [f"{c['lipschitz']['mean']:.3g} ± {c['lipschitz']['std']:.2g}", f"{c['n']}", audit_text(c)])
+            # One seed has no spread: its row shows the value alone.
+            fmt = pm if c["n"] > 1 else (lambda s: f"{s['mean'] * 100:.1f}")
+            k = f"{c['lipschitz']['mean']:.3g} ± {c['lipschitz']['std']:.2g}" if c["n"] > 1 else f"{c['lipschitz']['mean']:.3g}"
+            rows.append([name, setting, fmt(c["clean_accuracy"])] + [fmt(c["certified_accuracy"][r]) for r in RADII]
+                        + [k, f"{c['n']}", audit_text(c)])
         # The best baseline is picked among cells with all 3 seeds (a one-seed ablation row has no spread).
         baselines = [(name, setting, c) for name, setting, c, base, _ in entries if base and c is not None and c["n"] >= 3]
         if entries[0][2] is not None and baselines:
@@ -200,8 +203,8 @@ def fmnist_converged(root: Path) -> None:
 
 
 def _ms(values: list[float]) -> str:
-    """``mean ± sample std`` of percentages (std 0 for one value)."""
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+    """``mean ± sample std`` of percentages; one value alone, with no spread."""
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
 def _audit_row(cell: Path, radius: float) -> list[str] | None:
