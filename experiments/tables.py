@@ -266,10 +266,8 @@ def moons_seeds(roots: list[Path], p: float = 0.75) -> None:
         rows.append([str(summary["seed"]), f"{summary['clean_accuracy'] * 100:.1f}",
                      f"{summary['certified_accuracy']['0.15'] * 100:.1f}", f"{summary['lipschitz']:.0f}",
                      f"{a['violations']} ({a['num_samples']})" if a else "**not audited**"])
-    cra = [s["certified_accuracy"]["0.15"] * 100 for s, _ in runs]
-    mean = sum(cra) / len(cra)
-    std = (sum((c - mean) ** 2 for c in cra) / (len(cra) - 1)) ** 0.5
-    print(f"### Two moons, preset moons-slack, p {p:g}: every seed ({len(runs)}; CRA@0.15 {mean:.1f} ± {std:.1f}, paper 90.2)\n")
+    cra = _ms([s["certified_accuracy"]["0.15"] * 100 for s, _ in runs])
+    print(f"### Two moons, preset moons-slack, p {p:g}: every seed ({len(runs)}; CRA@0.15 {cra}, paper 90.2)\n")
     print(table(["seed", "clean %", "CRA@0.15 % (sound)", "trained K of f (sound)", "audit violations (points)"], rows))
     print()
 
